@@ -1,0 +1,60 @@
+"""Memory cores behind one protocol (see ``memrl.cores.base``).
+
+>>> core = make_core("lstm", input_size=8, hidden_size=32)
+>>> state = core.initial_state(batch_size=4)
+>>> y, state = core(x, state, is_first)        # x (T, 4, 8), is_first (T, 4) bool
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memrl.cores.base import Core, State
+from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
+from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore
+from memrl.cores.s4d import S4DCore
+from memrl.cores.state import cat_states, detach_state, select_state, state_to, zero_state_where
+
+CORES: dict[str, type[Core]] = {
+    "none": NoMemoryCore,
+    "gru": GRUCore,
+    "lstm": LSTMCore,
+    "s4d": S4DCore,
+    "conv_gru": ConvGRUCore,
+    "conv_lstm": ConvLSTMCore,
+}
+VECTOR_CORES = ("none", "gru", "lstm", "s4d")
+CONV_CORES = ("conv_gru", "conv_lstm")
+
+
+def make_core(name: str, **kwargs: Any) -> Core:
+    """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d`` (vector: ``input_size``,
+    ``hidden_size``, ``num_layers``) or ``conv_gru``, ``conv_lstm`` (``input_channels``,
+    ``hidden_channels``, ``kernel_size``, ``num_layers``)."""
+    if name not in CORES:
+        raise ValueError(f"unknown core {name!r}; expected one of {', '.join(CORES)}")
+    try:
+        return CORES[name](**kwargs)
+    except TypeError as err:
+        raise TypeError(f"make_core({name!r}, ...): {err}") from None
+
+
+__all__ = [
+    "CORES",
+    "CONV_CORES",
+    "VECTOR_CORES",
+    "Core",
+    "State",
+    "ConvGRUCore",
+    "ConvLSTMCore",
+    "GRUCore",
+    "LSTMCore",
+    "NoMemoryCore",
+    "S4DCore",
+    "cat_states",
+    "detach_state",
+    "make_core",
+    "select_state",
+    "state_to",
+    "zero_state_where",
+]

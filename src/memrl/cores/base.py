@@ -1,0 +1,130 @@
+"""The core protocol: one recurrent-memory API for every pipeline.
+
+Sequences are time-major: ``x`` is ``(T, B, *features)`` and ``is_first`` is ``(T, B)`` bool,
+true where step ``t`` starts a new episode. Wherever ``is_first[t, b]`` is true the core resets
+state ``b`` to its initial value (zeros, for every core here) *before* consuming ``x[t, b]``,
+whatever state was passed in. A state is a tuple of tensors with the batch dimension first, so a
+buffer can store, index, concatenate and detach the state of any core without knowing which one
+it is (``memrl.cores.state``).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+State = tuple[torch.Tensor, ...]
+
+
+class Core(nn.Module, abc.ABC):
+    """Base class of every memory core.
+
+    Subclasses set ``feature_shape`` (the trailing shape of one input step), ``output_shape`` and
+    ``state_shapes`` (per batch element, one entry per state tensor) and implement ``_unroll``.
+    ``forward`` and ``step`` check their inputs here, at the boundary, so a wrong shape, dtype or
+    device fails with a message that names it instead of deep inside a kernel.
+    """
+
+    feature_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    state_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def _reference(self) -> torch.Tensor | None:
+        return next(self.parameters(), None)
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> State:
+        """Zeros of the right shapes: ``tuple`` of ``(batch_size, *shape)`` tensors."""
+        if not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+        ref = self._reference
+        if device is None:
+            device = ref.device if ref is not None else torch.device("cpu")
+        if dtype is None:
+            dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        return tuple(
+            torch.zeros(batch_size, *shape, device=device, dtype=dtype)
+            for shape in self.state_shapes
+        )
+
+    def forward(
+        self, x: torch.Tensor, state: State, is_first: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        """Unroll over a sequence: ``x`` (T, B, *features), ``is_first`` (T, B) bool.
+
+        Returns ``y`` (T, B, *output_shape) and the state after the last step.
+        """
+        self._check(x, state, is_first, sequence=True)
+        return self._unroll(x, tuple(state), is_first)
+
+    def step(
+        self, x_t: torch.Tensor, state: State, is_first_t: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        """One step: ``x_t`` (B, *features), ``is_first_t`` (B,) bool."""
+        self._check(x_t, state, is_first_t, sequence=False)
+        y, state = self._unroll(x_t.unsqueeze(0), tuple(state), is_first_t.unsqueeze(0))
+        return y[0], state
+
+    @abc.abstractmethod
+    def _unroll(
+        self, x: torch.Tensor, state: State, is_first: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        """Unroll checked inputs; ``is_first`` is (T, B) bool."""
+
+    def _check(
+        self, x: torch.Tensor, state: State, is_first: torch.Tensor, *, sequence: bool
+    ) -> None:
+        name = type(self).__name__
+        lead = "(T, B, " if sequence else "(B, "
+        want = lead + ", ".join(str(d) for d in self.feature_shape) + ")"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: x must be a torch.Tensor of shape {want}, got {type(x)}")
+        n_lead = 2 if sequence else 1
+        if x.dim() != n_lead + len(self.feature_shape) or tuple(x.shape[n_lead:]) != tuple(
+            self.feature_shape
+        ):
+            raise ValueError(f"{name}: x must have shape {want}, got {tuple(x.shape)}")
+        ref = self._reference
+        if ref is not None:
+            if x.dtype != ref.dtype:
+                raise TypeError(
+                    f"{name}: x has dtype {x.dtype} but the core's parameters are {ref.dtype}; "
+                    f"convert one of them (e.g. core.to({x.dtype}))"
+                )
+            if x.device != ref.device:
+                raise ValueError(
+                    f"{name}: x is on {x.device} but the core's parameters are on {ref.device}"
+                )
+        lead_shape = tuple(x.shape[:n_lead])
+        if not isinstance(is_first, torch.Tensor) or is_first.dtype != torch.bool:
+            got = is_first.dtype if isinstance(is_first, torch.Tensor) else type(is_first)
+            raise TypeError(f"{name}: is_first must be a bool tensor of shape {lead_shape}, got {got}")
+        if tuple(is_first.shape) != lead_shape:
+            raise ValueError(
+                f"{name}: is_first must have shape {lead_shape} to match x, got {tuple(is_first.shape)}"
+            )
+        if is_first.device != x.device:
+            raise ValueError(f"{name}: is_first is on {is_first.device} but x is on {x.device}")
+        batch = x.shape[n_lead - 1]
+        if not isinstance(state, (tuple, list)) or len(state) != len(self.state_shapes):
+            raise ValueError(
+                f"{name}: state must be a tuple of {len(self.state_shapes)} tensors "
+                f"(from core.initial_state), got {type(state).__name__} of length "
+                f"{len(state) if isinstance(state, (tuple, list)) else '?'}"
+            )
+        for i, (s, shape) in enumerate(zip(state, self.state_shapes)):
+            want_s = (batch, *shape)
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want_s:
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"{name}: state[{i}] must have shape {want_s}, got {got}")
+            if s.dtype != x.dtype or s.device != x.device:
+                raise ValueError(
+                    f"{name}: state[{i}] is {s.dtype} on {s.device}, expected {x.dtype} on {x.device}"
+                )
