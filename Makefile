@@ -1,0 +1,33 @@
+# Every target installs what it needs itself: a fresh clone needs only `make run` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: run test bench lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) -e '.[dev,bench]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/memrl recall
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed-bench
+	set -e; for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done
+
+format: $(VENV)/.installed
+	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from memrl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""``memrl <command>``: one subcommand per pipeline, each a typed config dataclass (tyro).
+
+``--config PATH`` starts from a saved ``config.yaml``; flags on the command line override it.
+``--resume RUN_DIR`` continues a run, starting from that run's ``config.yaml``.
+Errors in what the user typed exit with status 2 and one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import tyro
+
+# command -> (module, config class, entry function); imported only when the command runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "recall": ("memrl.recall", "RecallConfig", "train_recall"),
+}
+
+USAGE = """usage: memrl <command> [--config PATH] [--resume RUN_DIR] [flags]
+
+commands:
+{commands}
+
+`memrl <command> --help` lists every flag of a command with its default and meaning.
+"""
+
+
+def _fail(message: str) -> int:
+    print(f"memrl: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """Remove ``name VALUE`` or ``name=VALUE`` from args; returns (VALUE or None, rest)."""
+    rest, value, i = [], None, 0
+    while i < len(args):
+        arg = args[i]
+        if arg == name:
+            if i + 1 >= len(args):
+                raise ValueError(f"{name} expects a value")
+            value, i = args[i + 1], i + 2
+            continue
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
+def _option_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from memrl.runs import CheckpointError, ConfigError, NonFiniteLossError, load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    listing = "\n".join(f"  {name}" for name in COMMANDS)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE.format(commands=listing))
+        return 0
+    command, args = args[0], args[1:]
+    if command not in COMMANDS:
+        return _fail(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
+    module_name, class_name, function_name = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    config_cls, entry = getattr(module, class_name), getattr(module, function_name)
+
+    try:
+        config_path, args = _pop_option(args, "--config")
+    except ValueError as err:
+        return _fail(str(err))
+    resume = _option_value(args, ["--resume"])
+    if config_path is None and resume is not None and "--help" not in args:
+        if not Path(resume).is_dir():
+            return _fail(f"--resume {resume}: no such run directory")
+        config_path = str(Path(resume) / "config.yaml")
+    try:
+        default = load_config(config_cls, config_path) if config_path else None
+    except ConfigError as err:
+        return _fail(str(err))
+
+    description = (
+        f"{(config_cls.__doc__ or '').strip()}\n\n"
+        "--config PATH starts from a saved config.yaml (flags given here override it)."
+    )
+    try:
+        config = tyro.cli(
+            config_cls, args=args, default=default, prog=f"memrl {command}",
+            description=description,
+        )
+    except (ValueError, TypeError) as err:  # raised by a config's __post_init__ checks
+        return _fail(str(err))
+    try:
+        entry(config)
+    except (ConfigError, CheckpointError) as err:
+        return _fail(str(err))
+    except NonFiniteLossError as err:
+        print(f"memrl {command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nmemrl {command}: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""The run machinery: checkpoints, configs, run directories, metrics, devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+
+from memrl.runs import (
+    CheckpointError,
+    ConfigError,
+    MetricsLogger,
+    NonFiniteLossError,
+    Run,
+    RunOptions,
+    load_checkpoint,
+    load_config,
+    read_metrics,
+    resolve_device,
+    save_checkpoint,
+    save_config,
+)
+
+
+@dataclasses.dataclass
+class Inner:
+    widths: tuple[int, ...] = (32, 32)
+    """Layer widths."""
+
+
+@dataclasses.dataclass
+class ToyConfig(RunOptions):
+    lr: float = 1e-3
+    """Learning rate."""
+    mode: Literal["a", "b"] = "a"
+    """A choice."""
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    """Nested options."""
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    payload = {"w": torch.randn(3, 4), "step": 7, "nested": {"x": [1, 2]}}
+    save_checkpoint(tmp_path / "last.pt", payload)
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(loaded["w"], payload["w"])
+    assert loaded["step"] == 7 and loaded["nested"] == {"x": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "empty"])
+def test_corrupt_checkpoint_names_the_file(tmp_path, damage):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.randn(100)})
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-50] ^= 0xFF
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "foreign":
+        torch.save({"w": 1}, path)
+        raw = bytearray(path.read_bytes())
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_kill_while_writing_keeps_previous_checkpoint(tmp_path):
+    """A process SIGKILLed in the middle of writing leaves a loadable last.pt."""
+    path = tmp_path / "last.pt"
+    child = textwrap.dedent(
+        f"""
+        import sys, torch
+        from memrl.runs import save_checkpoint
+        big = torch.arange(8_000_000, dtype=torch.float64)  # 64 MB: a write takes a while
+        save_checkpoint({str(path)!r}, {{"version": 0, "w": big}})
+        print("ready", flush=True)
+        version = 1
+        while True:
+            save_checkpoint({str(path)!r}, {{"version": version, "w": big + version}})
+            version += 1
+        """
+    )
+    for delay in (0.05, 0.2, 0.45):
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        loaded = load_checkpoint(path)
+        version = loaded["version"]
+        assert loaded["w"].shape == (8_000_000,)
+        assert loaded["w"][0] == version and loaded["w"][-1] == 7_999_999 + version
+
+
+def test_config_roundtrip_and_errors(tmp_path):
+    cfg = ToyConfig(lr=0.5, mode="b", inner=Inner(widths=(8, 16, 4)), output_dir=Path("x/y"))
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(ToyConfig, tmp_path / "config.yaml") == cfg
+
+    (tmp_path / "bad.yaml").write_text("lr: 0.1\nlearning_rate: 3\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(ToyConfig, tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="lr='fast'; expected a number"):
+        load_config(ToyConfig, tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("mode: c\n")
+    with pytest.raises(ConfigError, match="mode='c'; expected one of 'a', 'b'"):
+        load_config(ToyConfig, tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("inner: {widths: [1, x]}\n")
+    with pytest.raises(ConfigError, match=r"inner.widths\[1\]"):
+        load_config(ToyConfig, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ToyConfig, tmp_path / "missing.yaml")
+
+
+def test_run_directory_holds_the_documented_files(tmp_path):
+    run = Run("toy", ToyConfig(output_dir=tmp_path / "run", device="cpu"))
+    for step in range(1, 4):
+        run.log(step, {"loss": 1.0 / step})
+    run.save(3, {"model": {"w": torch.ones(2)}})
+    run.finish()
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "plots"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert (tmp_path / "run/checkpoints/last.pt").is_file()
+    assert (tmp_path / "run/plots/metrics.png").stat().st_size > 1000
+    assert [r["loss"] for r in read_metrics(tmp_path / "run/metrics.jsonl")] == [1.0, 0.5, 1 / 3]
+    assert load_config(ToyConfig, tmp_path / "run/config.yaml").output_dir == tmp_path / "run"
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Run("toy", ToyConfig(output_dir=tmp_path / "run", device="cpu"))
+    resumed = Run("toy", ToyConfig(resume=tmp_path / "run", device="cpu"))
+    assert resumed.start_step == 3
+    assert resumed.restore()["model"]["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Run("toy", ToyConfig(resume=tmp_path / "elsewhere", device="cpu"))
+
+
+def test_resumed_metrics_drop_records_after_the_checkpoint(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 6):
+        logger.log(step, {"x": step})
+    logger.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "x"')  # torn line from a kill
+    logger = MetricsLogger(tmp_path, resume_step=3)
+    logger.log(4, {"x": 40})
+    logger.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["x"]) for r in records] == [(1, 1), (2, 2), (3, 3), (4, 40)]
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    run = Run("toy", ToyConfig(output_dir=tmp_path / "run", device="cpu"))
+    run.check_finite(1, loss=torch.tensor(0.3))
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 2.*last.pt"):
+        run.check_finite(2, loss=torch.tensor(float("nan")))
+    run.finish()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="expected one of"):
+        resolve_device("tpu")
+
+
+def test_metrics_jsonl_is_one_object_per_line(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"a": 1.5, "b": float("inf")})
+    logger.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line)["b"] == "inf"
