@@ -1,0 +1,116 @@
+"""The run directory every trainer writes (ARCHITECTURE.md, "Run directories").
+
+``runs/<command>-<YYYYmmdd-HHMMSS>/`` (or ``--output-dir``) holds ``config.yaml``,
+``metrics.jsonl``, TensorBoard events, ``checkpoints/last.pt`` (plus periodic ones) and
+``plots/``. ``--resume RUN_DIR`` reopens it and hands the trainer its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from memrl.runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from memrl.runs.config import ConfigError, RunOptions, save_config
+from memrl.runs.metrics import MetricsLogger, plot_metrics
+from memrl.runs.seeding import resolve_device, seed_everything
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class Run:
+    """Directory, config, device, seeding, metrics, progress and checkpoints of one run.
+
+    A trainer builds its state, then calls :meth:`restore` to get the last checkpoint when
+    resuming; it logs with :meth:`log`, saves with :meth:`save` and ends with :meth:`finish`.
+    """
+
+    def __init__(self, command: str, config: RunOptions) -> None:
+        self.command = command
+        self.config = config
+        if config.resume is not None:
+            self.dir = Path(config.resume)
+            if not self.last_checkpoint_path.is_file():
+                raise ConfigError(
+                    f"--resume {self.dir}: no checkpoint at {self.last_checkpoint_path}"
+                )
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.dir = Path(config.output_dir or Path("runs") / f"{command}-{stamp}")
+            if self.last_checkpoint_path.exists():
+                raise ConfigError(
+                    f"{self.dir} already holds a run; pass --resume {self.dir} to continue it "
+                    "or choose another --output-dir"
+                )
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.plot_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.dir / "config.yaml")
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed, config.deterministic)
+        self._checkpoint = load_checkpoint(self.last_checkpoint_path) if config.resume else None
+        self.start_step = int(self._checkpoint["step"]) if self._checkpoint else 0
+        self.metrics = MetricsLogger(self.dir, self.start_step if self._checkpoint else None)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def plot_dir(self) -> Path:
+        return self.dir / "plots"
+
+    @property
+    def last_checkpoint_path(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
+    def restore(self) -> dict[str, Any] | None:
+        """The last checkpoint's payload when resuming (global RNG states already restored),
+        else None."""
+        if self._checkpoint is None:
+            return None
+        set_rng_state(self._checkpoint["rng"])
+        return self._checkpoint
+
+    def save(self, step: int, payload: dict[str, Any], keep: bool = False) -> Path:
+        """Atomically write ``checkpoints/last.pt`` (and ``step_<step>.pt`` if ``keep``)."""
+        payload = {**payload, "step": int(step), "rng": rng_state(), "command": self.command}
+        path = save_checkpoint(self.last_checkpoint_path, payload)
+        if keep:
+            save_checkpoint(self.checkpoint_dir / f"step_{step:09d}.pt", payload)
+        return path
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.log(step, metrics)
+
+    def check_finite(self, step: int, **losses: torch.Tensor | float) -> None:
+        """Stop with a clear message on a NaN/inf loss, before anything is saved."""
+        for name, value in losses.items():
+            if not math.isfinite(float(value)):
+                raise NonFiniteLossError(
+                    f"{name} became {float(value)} at step {step}; training stopped. The last good "
+                    f"checkpoint is {self.last_checkpoint_path} (resume with --resume {self.dir}, "
+                    "perhaps with a lower learning rate)"
+                )
+
+    def progress(self, total: int, desc: str | None = None) -> tqdm:
+        """A tqdm bar from the resumed step to ``total``; show key figures with set_postfix."""
+        return tqdm(
+            total=total,
+            initial=self.start_step,
+            desc=desc or self.command,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        )
+
+    def finish(self) -> None:
+        """Close the logs and draw ``plots/metrics.png``."""
+        self.metrics.close()
+        plot_metrics(self.dir / "metrics.jsonl", self.plot_dir / "metrics.png")
