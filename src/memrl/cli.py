@@ -96,7 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = tyro.cli(
-            config_cls, args=args, default=default, prog=f"memrl {command}",
+            config_cls,
+            args=args,
+            default=default,
+            prog=f"memrl {command}",
             description=description,
         )
     except (ValueError, TypeError) as err:  # raised by a config's __post_init__ checks

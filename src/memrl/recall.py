@@ -89,8 +89,11 @@ class RecallStream:
         return symbols.to(to), is_first.to(to), target.to(to)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "first": self.first_symbol,
-                "started": self.started}
+        return {
+            "generator": self.generator.get_state(),
+            "first": self.first_symbol,
+            "started": self.started,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
@@ -128,8 +131,15 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
         state = tuple(s.to(device) for s in ckpt["core_state"])
 
     def checkpoint(step: int) -> None:
-        run.save(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "stream": stream.state_dict(), "core_state": state})
+        run.save(
+            step,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "stream": stream.state_dict(),
+                "core_state": state,
+            },
+        )
 
     bar = run.progress(cfg.steps)
     figures: dict[str, float] = {}
@@ -145,8 +155,11 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
         if step % cfg.log_interval == 0 or step == cfg.steps:
             with torch.no_grad():
                 correct = logits.argmax(-1) == target
-                figures = {"loss": loss.item(), "accuracy": correct.float().mean().item(),
-                           "accuracy_after_first": correct[~is_first].float().mean().item()}
+                figures = {
+                    "loss": loss.item(),
+                    "accuracy": correct.float().mean().item(),
+                    "accuracy_after_first": correct[~is_first].float().mean().item(),
+                }
             run.log(step, figures)
             bar.set_postfix(loss=f"{figures['loss']:.3f}", acc=f"{figures['accuracy']:.3f}")
         if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
@@ -157,6 +170,8 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_file(model.state_dict(), run.dir / "model.safetensors")
     run.finish()
-    print(f"recall[{cfg.core}]: accuracy {summary.get('accuracy', float('nan')):.3f} "
-          f"(chance {summary['chance_accuracy']:.3f}); run directory {run.dir}")
+    print(
+        f"recall[{cfg.core}]: accuracy {summary.get('accuracy', float('nan')):.3f} "
+        f"(chance {summary['chance_accuracy']:.3f}); run directory {run.dir}"
+    )
     return summary

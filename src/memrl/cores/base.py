@@ -105,10 +105,13 @@ class Core(nn.Module, abc.ABC):
         lead_shape = tuple(x.shape[:n_lead])
         if not isinstance(is_first, torch.Tensor) or is_first.dtype != torch.bool:
             got = is_first.dtype if isinstance(is_first, torch.Tensor) else type(is_first)
-            raise TypeError(f"{name}: is_first must be a bool tensor of shape {lead_shape}, got {got}")
+            raise TypeError(
+                f"{name}: is_first must be a bool tensor of shape {lead_shape}, got {got}"
+            )
         if tuple(is_first.shape) != lead_shape:
             raise ValueError(
-                f"{name}: is_first must have shape {lead_shape} to match x, got {tuple(is_first.shape)}"
+                f"{name}: is_first must have shape {lead_shape} to match x, "
+                f"got {tuple(is_first.shape)}"
             )
         if is_first.device != x.device:
             raise ValueError(f"{name}: is_first is on {is_first.device} but x is on {x.device}")
@@ -119,12 +122,13 @@ class Core(nn.Module, abc.ABC):
                 f"(from core.initial_state), got {type(state).__name__} of length "
                 f"{len(state) if isinstance(state, (tuple, list)) else '?'}"
             )
-        for i, (s, shape) in enumerate(zip(state, self.state_shapes)):
+        for i, (s, shape) in enumerate(zip(state, self.state_shapes, strict=True)):
             want_s = (batch, *shape)
             if not isinstance(s, torch.Tensor) or tuple(s.shape) != want_s:
                 got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
                 raise ValueError(f"{name}: state[{i}] must have shape {want_s}, got {got}")
             if s.dtype != x.dtype or s.device != x.device:
                 raise ValueError(
-                    f"{name}: state[{i}] is {s.dtype} on {s.device}, expected {x.dtype} on {x.device}"
+                    f"{name}: state[{i}] is {s.dtype} on {s.device}, "
+                    f"expected {x.dtype} on {x.device}"
                 )

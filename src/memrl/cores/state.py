@@ -22,7 +22,7 @@ def cat_states(states: Sequence[State]) -> State:
         raise ValueError("cat_states needs at least one state")
     if len({len(s) for s in states}) != 1:
         raise ValueError(f"cat_states: states have different lengths {[len(s) for s in states]}")
-    return tuple(torch.cat(parts, dim=0) for parts in zip(*states))
+    return tuple(torch.cat(parts, dim=0) for parts in zip(*states, strict=True))
 
 
 def detach_state(state: State) -> State:
@@ -39,7 +39,7 @@ def zero_state_where(state: State, mask: torch.Tensor) -> State:
     """Zero (the initial value of every core) the rows where ``mask`` (B,) bool is true."""
     if mask.dim() != 1 or (state and mask.shape[0] != state[0].shape[0]):
         raise ValueError(
-            f"zero_state_where: mask must have shape (B,) = ({state[0].shape[0] if state else '?'},)"
-            f", got {tuple(mask.shape)}"
+            f"zero_state_where: mask must have shape (B,) = "
+            f"({state[0].shape[0] if state else '?'},), got {tuple(mask.shape)}"
         )
     return tuple(s.masked_fill(mask.view(-1, *([1] * (s.dim() - 1))), 0.0) for s in state)

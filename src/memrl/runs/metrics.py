@@ -62,18 +62,17 @@ def plot_metrics(
     """One panel per metric against step, saved as a PNG; returns None if nothing to plot."""
     records = read_metrics(metrics_path)
     if keys is None:
-        keys = sorted(
-            {k for r in records for k, v in r.items() if isinstance(v, float)} - {"time"}
-        )
+        keys = sorted({k for r in records for k, v in r.items() if isinstance(v, float)} - {"time"})
     keys = [k for k in keys if any(k in r for r in records)]
     if not keys:
         return None
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    for ax, key in zip(axes.flat, keys, strict=False):
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot(*zip(*points), lw=1.5)
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, lw=1.5)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -93,9 +93,10 @@ class Run:
     def check_finite(self, step: int, **losses: torch.Tensor | float) -> None:
         """Stop with a clear message on a NaN/inf loss, before anything is saved."""
         for name, value in losses.items():
-            if not math.isfinite(float(value)):
+            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"{name} became {float(value)} at step {step}; training stopped. The last good "
+                    f"{name} became {value} at step {step}; training stopped. The last good "
                     f"checkpoint is {self.last_checkpoint_path} (resume with --resume {self.dir}, "
                     "perhaps with a lower learning rate)"
                 )

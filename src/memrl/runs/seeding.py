@@ -38,7 +38,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was requested but torch.backends.mps.is_available() is False")
+        raise ValueError(
+            "device 'mps' was requested but torch.backends.mps.is_available() is False"
+        )
     if name not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r}; expected one of auto, cpu, cuda, mps")
     return torch.device(name)
