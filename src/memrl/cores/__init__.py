@@ -30,7 +30,9 @@ CONV_CORES = ("conv_gru", "conv_lstm")
 def make_core(name: str, **kwargs: Any) -> Core:
     """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d`` (vector: ``input_size``,
     ``hidden_size``, ``num_layers``) or ``conv_gru``, ``conv_lstm`` (``input_channels``,
-    ``hidden_channels``, ``kernel_size``, ``num_layers``)."""
+    ``hidden_channels``, ``spatial_size``, ``kernel_size``, ``num_layers``). Extra options (e.g.
+    ``layer_norm`` for gru/lstm, ``state_size``/``init`` for s4d) go to the core's constructor;
+    an unknown one is a TypeError naming it."""
     if name not in CORES:
         raise ValueError(f"unknown core {name!r}; expected one of {', '.join(CORES)}")
     try:
