@@ -16,7 +16,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/memrl recall
+	set -e; for core in gru lstm s4d none; do $(VENV)/bin/memrl recall --core $$core; done
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks

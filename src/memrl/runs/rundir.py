@@ -43,8 +43,7 @@ class Run:
                     f"--resume {self.dir}: no checkpoint at {self.last_checkpoint_path}"
                 )
         else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.dir = Path(config.output_dir or Path("runs") / f"{command}-{stamp}")
+            self.dir = Path(config.output_dir or _fresh_run_dir(command))
             if self.last_checkpoint_path.exists():
                 raise ConfigError(
                     f"{self.dir} already holds a run; pass --resume {self.dir} to continue it "
@@ -115,3 +114,12 @@ class Run:
         """Close the logs and draw ``plots/metrics.png``."""
         self.metrics.close()
         plot_metrics(self.dir / "metrics.jsonl", self.plot_dir / "metrics.png")
+
+
+def _fresh_run_dir(command: str) -> Path:
+    """``runs/<command>-<YYYYmmdd-HHMMSS>``, with a suffix if two runs start in one second."""
+    base = Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
