@@ -17,6 +17,8 @@ import tyro
 # command -> (module, config class, entry function); imported only when the command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "recall": ("memrl.recall", "RecallConfig", "train_recall"),
+    "ppo": ("memrl.rl.ppo", "PPOConfig", "train_ppo"),
+    "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval"),
 }
 
 USAGE = """usage: memrl <command> [--config PATH] [--resume RUN_DIR] [flags]

@@ -10,7 +10,7 @@ from memrl.runs.checkpoint import (
 from memrl.runs.config import ConfigError, RunOptions, load_config, save_config
 from memrl.runs.metrics import MetricsLogger, plot_metrics, read_metrics
 from memrl.runs.rundir import NonFiniteLossError, Run
-from memrl.runs.seeding import env_seeds, resolve_device, seed_everything
+from memrl.runs.seeding import resolve_device, seed_everything
 
 __all__ = [
     "CheckpointError",
@@ -19,7 +19,6 @@ __all__ = [
     "NonFiniteLossError",
     "Run",
     "RunOptions",
-    "env_seeds",
     "load_checkpoint",
     "load_config",
     "plot_metrics",

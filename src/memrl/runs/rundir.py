@@ -53,6 +53,9 @@ class Run:
         self.plot_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, self.dir / "config.yaml")
         self.device = resolve_device(config.device)
+        # Denormal floats (tiny gradients, Adam's second moments late in training) run up to
+        # 50x slower on x86 CPUs; measured: a PPO update went from 0.14 s to 10 s. Flush them.
+        torch.set_flush_denormal(True)
         seed_everything(config.seed, config.deterministic)
         self._checkpoint = load_checkpoint(self.last_checkpoint_path) if config.resume else None
         self.start_step = int(self._checkpoint["step"]) if self._checkpoint else 0

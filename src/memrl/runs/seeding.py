@@ -22,11 +22,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def env_seeds(seed: int, count: int) -> list[int]:
-    """Distinct, reproducible seeds for ``count`` environments derived from ``seed``."""
-    return [int(s) for s in np.random.SeedSequence(seed).generate_state(count)]
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda, else mps, else cpu; an explicit device that is missing is an error."""
     if name == "auto":

@@ -1,0 +1,145 @@
+"""``memrl ppo-eval RUN_DIR``: evaluate a PPO checkpoint, optionally resetting the memory every
+K steps (seed 002's temporal-awareness ablation); a sweep over K writes a return-vs-K plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import numpy as np
+import torch
+import tyro
+
+from memrl.envs import make_vector_env, vector_env_seeds
+from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device
+from memrl.runs.metrics import plt
+
+if TYPE_CHECKING:
+    from memrl.rl.ppo import PPOAgent
+
+
+@dataclasses.dataclass
+class PPOEvalConfig:
+    """Evaluate the last checkpoint of a `memrl ppo` run."""
+
+    run_dir: Annotated[Path, tyro.conf.Positional]
+    """Run directory written by `memrl ppo`."""
+    episodes: int = 32
+    """Episodes per evaluation."""
+    reset_every: tuple[int, ...] = ()
+    """Reset the memory every K steps; several values run a sweep (return-vs-K plot)."""
+    greedy: bool = True
+    """Greedy (mode) actions; --no-greedy samples."""
+    seed: int = 10_000
+    """Seed of the evaluation environments."""
+    device: str = "cpu"
+    """Device to evaluate on."""
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1:
+            raise ValueError(f"episodes={self.episodes}; expected a positive integer")
+        if any(k < 1 for k in self.reset_every):
+            raise ValueError(f"reset_every={self.reset_every}; expected positive integers")
+
+
+class EpisodeTracker:
+    """Undiscounted returns and lengths of the episodes that end, per env."""
+
+    def __init__(self, num_envs: int) -> None:
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.finished: list[float] = []
+
+    def update(self, rewards: np.ndarray, dones: np.ndarray) -> None:
+        self.returns += rewards
+        self.lengths += 1
+        self.finished.extend(self.returns[dones].tolist())
+        self.returns[dones] = 0.0
+        self.lengths[dones] = 0
+
+    def pop(self) -> list[float]:
+        out, self.finished = self.finished, []
+        return out
+
+
+def evaluate(
+    agent: PPOAgent,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    reset_every: int | None = None,
+    greedy: bool = True,
+) -> float:
+    """Mean undiscounted return over ``episodes`` episodes; ``reset_every`` K resets the memory
+    every K steps (seed 002's temporal-awareness ablation)."""
+    num_envs = min(episodes, 16)
+    envs = make_vector_env(env_id, num_envs, seed, "sync", autoreset_mode="same_step")
+    policy, device = agent.policy, agent.device
+    obs_np, info = envs.reset(seed=vector_env_seeds(seed, num_envs))
+    state = policy.initial_state(num_envs, device)
+    is_first = torch.ones(num_envs, dtype=torch.bool, device=device)
+    tracker, finished, t = EpisodeTracker(num_envs), [], 0
+    policy.eval()
+    with torch.inference_mode():
+        while len(finished) < episodes:
+            obs = agent.obs_tensor(obs_np, update=False)
+            reset = is_first
+            if reset_every is not None and t % reset_every == 0:
+                reset = torch.ones_like(is_first)
+            dist_params, _, state = policy.step(obs, state, reset)
+            dist = agent.distribution(dist_params, agent.mask_tensor(info))
+            action = dist.mode() if greedy else dist.sample()
+            obs_np, reward, term, trunc, info = envs.step(agent.env_actions(action))
+            done = term | trunc
+            tracker.update(reward, done)
+            finished.extend(tracker.pop())
+            is_first = torch.as_tensor(done, device=device)
+            t += 1
+    envs.close()
+    return float(np.mean(finished[:episodes]))
+
+
+def run_ppo_eval(cfg: PPOEvalConfig) -> dict:
+    """Load the run's config and last checkpoint, evaluate, write eval.json (and the sweep
+    plot)."""
+    from memrl.rl.ppo import PPOAgent, PPOConfig
+
+    if not (cfg.run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{cfg.run_dir} is not a memrl ppo run directory (no config.yaml)")
+    train_cfg = load_config(PPOConfig, cfg.run_dir / "config.yaml")
+    ckpt = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
+    device = resolve_device(cfg.device)
+    probe = make_vector_env(train_cfg.env, 1, cfg.seed, "sync")
+    agent = PPOAgent(train_cfg, probe.single_observation_space, probe.single_action_space, device)
+    probe.close()
+    agent.load_state_dict(ckpt["agent"])
+    results = {
+        "env": train_cfg.env,
+        "core": train_cfg.core,
+        "episodes": cfg.episodes,
+        "step": ckpt["step"],
+        "return": evaluate(agent, train_cfg.env, cfg.episodes, cfg.seed, greedy=cfg.greedy),
+    }
+    if cfg.reset_every:
+        sweep = {
+            k: evaluate(agent, train_cfg.env, cfg.episodes, cfg.seed, k, cfg.greedy)
+            for k in cfg.reset_every
+        }
+        results["return_vs_reset_every"] = {str(k): v for k, v in sweep.items()}
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        ax.plot(list(sweep), list(sweep.values()), "o-", label="memory reset every K steps")
+        ax.axhline(results["return"], color="gray", ls="--", label="no forced reset")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("K (steps between memory resets)")
+        ax.set_ylabel("mean episode return")
+        ax.set_title(f"{train_cfg.env} ({train_cfg.core})")
+        ax.legend()
+        fig.tight_layout()
+        (cfg.run_dir / "plots").mkdir(exist_ok=True)
+        fig.savefig(cfg.run_dir / "plots" / "return_vs_reset_every.png", dpi=110)
+        plt.close(fig)
+    (cfg.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results

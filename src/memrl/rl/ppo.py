@@ -1,0 +1,381 @@
+"""``memrl ppo``: recurrent PPO with per-env memory, stored state and truncated BPTT.
+
+Seeds 002 and 004. Rollout: each env's core state is carried across steps and rollouts and
+reset exactly where an episode starts (``is_first``). The vector env autoresets in the same step
+(gymnasium's SAME_STEP mode): the observation after a terminal step is already the next
+episode's first one, so no transition spans two episodes and no reset step is ever trained as
+a real step; a truncated episode is bootstrapped from the value of its final observation, run
+through the pre-reset state. Update: PPO over sequences of ``bptt_len`` steps, minibatches of
+whole sequences, each started from the state stored at its first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from memrl.cores import State, select_state
+from memrl.envs import make_vector_env, vector_env_seeds
+from memrl.rl.buffer import RolloutBuffer
+from memrl.rl.distributions import (
+    action_head,
+    action_mask_tensor,
+    make_distribution,
+    to_env_actions,
+)
+from memrl.rl.evaluate import EpisodeTracker, evaluate
+from memrl.rl.normalize import ObsNormalizer, RewardScaler
+from memrl.rl.policy import RecurrentActorCritic
+from memrl.runs import ConfigError, Run, RunOptions
+
+
+@dataclasses.dataclass
+class PPOConfig(RunOptions):
+    """Recurrent PPO on any gymnasium / POPGym environment."""
+
+    env: str = "popgym/RepeatPreviousEasy"
+    """Environment: popgym/<Name>, a registered gymnasium id, or module:Class."""
+    core: Literal["none", "gru", "lstm", "s4d"] = "gru"
+    """Memory core (none = the feed-forward baseline on the same code path)."""
+    num_envs: int = 16
+    """Parallel environments."""
+    vector: Literal["sync", "async"] = "sync"
+    """gymnasium.vector SyncVectorEnv, or AsyncVectorEnv (one process per env)."""
+    rollout_steps: int = 128
+    """Steps per env per rollout."""
+    total_steps: int = 500_000
+    """Environment steps in total (all envs)."""
+    hidden_size: int = 128
+    """Encoder and core width."""
+    num_layers: int = 1
+    """Core layers."""
+    separate_critic: bool = False
+    """Give the critic its own encoder and memory."""
+    bptt_len: int = 16
+    """Truncated-BPTT sequence length; must divide rollout_steps."""
+    epochs: int = 4
+    """PPO epochs per rollout."""
+    minibatch_steps: int = 512
+    """Steps per minibatch (whole sequences: minibatch_steps / bptt_len of them)."""
+    lr: float = 1e-3
+    """Adam learning rate (1e-3 matters for the LSTM on POPGym: ../shared/notes/popgym.md)."""
+    anneal_lr: bool = True
+    """Anneal the learning rate linearly to zero."""
+    gamma: float = 0.99
+    """Discount."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_coef: float = 0.2
+    """PPO ratio clip."""
+    clip_value: bool = False
+    """Clip the value update around the old values too."""
+    ent_coef: float = 0.01
+    """Entropy bonus."""
+    vf_coef: float = 0.5
+    """Value-loss weight."""
+    max_grad_norm: float = 0.5
+    """Gradient-norm clip."""
+    target_kl: float | None = None
+    """Stop the epoch loop early when the approximate KL exceeds this."""
+    norm_adv: bool = True
+    """Normalise advantages per minibatch."""
+    norm_obs: bool = False
+    """Running observation normalisation."""
+    norm_reward: bool = False
+    """Running reward scaling by the std of the discounted return."""
+    eval_episodes: int = 32
+    """Episodes of the final evaluation (greedy actions)."""
+    checkpoint_interval: int = 20
+    """Checkpoint every this many rollouts (and at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_envs",
+            "rollout_steps",
+            "total_steps",
+            "hidden_size",
+            "num_layers",
+            "bptt_len",
+            "epochs",
+            "minibatch_steps",
+            "checkpoint_interval",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if self.rollout_steps % self.bptt_len:
+            raise ValueError(
+                f"bptt_len={self.bptt_len} must divide rollout_steps={self.rollout_steps}"
+            )
+        if self.minibatch_steps % self.bptt_len:
+            raise ValueError(
+                f"minibatch_steps={self.minibatch_steps} must be a multiple of "
+                f"bptt_len={self.bptt_len}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}; expected a positive number")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ValueError(f"gamma={self.gamma}, gae_lambda={self.gae_lambda}; expected [0, 1]")
+
+
+class PPOAgent:
+    """Policy, optimiser and observation normaliser, with acting and the PPO update."""
+
+    def __init__(self, cfg: PPOConfig, obs_space, action_space, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.head = action_head(action_space)
+        obs_dim = int(np.prod(obs_space.shape))
+        gaussian = self.head.action_dim if self.head.kind == "gaussian" else 0
+        self.policy = RecurrentActorCritic(
+            obs_dim,
+            self.head.num_params,
+            cfg.core,
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.separate_critic,
+            gaussian_dim=gaussian,
+        ).to(device)
+        self.optimizer = torch.optim.Adam(
+            self.policy.parameters(), lr=cfg.lr, eps=1e-5, fused=device.type in ("cpu", "cuda")
+        )
+        self.obs_norm = ObsNormalizer((obs_dim,), cfg.norm_obs)
+
+    def obs_tensor(self, obs: np.ndarray, update: bool) -> torch.Tensor:
+        obs = torch.as_tensor(obs, dtype=torch.float32).reshape(len(obs), -1)
+        return self.obs_norm(obs, update).to(self.device)
+
+    def mask_tensor(self, info: dict) -> torch.Tensor | None:
+        """``info["action_mask"]`` of a vector env as (N, num_params) bool, or None."""
+        if "action_mask" not in info:
+            return None
+        return action_mask_tensor(self.head, info["action_mask"], self.device)
+
+    def distribution(self, params: torch.Tensor, mask: torch.Tensor | None):
+        return make_distribution(self.head, params, mask, log_std=self.policy.log_std)
+
+    def env_actions(self, actions: torch.Tensor):
+        return to_env_actions(self.head, actions)
+
+    def state_dict(self) -> dict:
+        return {
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "obs_norm": self.obs_norm.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.obs_norm.stats.load_state_dict(state["obs_norm"])
+
+    def update(self, buffer: RolloutBuffer, generator: torch.Generator) -> dict[str, float]:
+        """PPO epochs over minibatches of whole sequences (truncated BPTT), each started from
+        the state stored at its first step."""
+        cfg = self.cfg
+        params = list(self.policy.parameters())
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.epochs):
+            approx_kl = 0.0
+            for mb in buffer.minibatches(cfg.minibatch_steps // cfg.bptt_len, generator):
+                dist_params, values, _ = self.policy(mb.obs, mb.state, mb.is_first)
+                dist = self.distribution(dist_params, mb.masks)
+                log_ratio = dist.log_prob(mb.actions) - mb.log_probs
+                ratio = log_ratio.exp()
+                entropy = dist.entropy().mean()
+                adv = mb.advantages
+                if cfg.norm_adv:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                clipped_ratio = ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
+                pg_loss = torch.max(-adv * ratio, -adv * clipped_ratio).mean()
+                v_loss = (values - mb.returns).square()
+                if cfg.clip_value:
+                    v_clip = mb.values + (values - mb.values).clamp(-cfg.clip_coef, cfg.clip_coef)
+                    v_loss = torch.max(v_loss, (v_clip - mb.returns).square())
+                v_loss = 0.5 * v_loss.mean()
+                loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+                self.optimizer.step()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean().item()
+                    clipfrac = ((ratio - 1).abs() > cfg.clip_coef).float().mean().item()
+                for key, value in (
+                    ("loss/policy", pg_loss.item()),
+                    ("loss/value", v_loss.item()),
+                    ("loss/entropy", entropy.item()),
+                    ("approx_kl", approx_kl),
+                    ("clipfrac", clipfrac),
+                    ("grad_norm", float(grad_norm)),
+                ):
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+            if cfg.target_kl is not None and approx_kl > cfg.target_kl:
+                break
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+@dataclass
+class Carry:
+    """What a rollout hands to the next: the envs' last observation and info, each env's core
+    state and whether its next step starts an episode."""
+
+    obs: np.ndarray
+    info: dict
+    state: State
+    is_first: torch.Tensor  # (N,) bool
+    episodes: EpisodeTracker
+    reward_scaler: RewardScaler
+    returns: list[float] = field(default_factory=list)  # of the episodes ended this rollout
+
+
+def collect_rollout(agent: PPOAgent, envs, buffer: RolloutBuffer, carry: Carry) -> torch.Tensor:
+    """Fill ``buffer`` with ``buffer.T`` steps of every env; returns the bootstrap value of the
+    observation after the last step. The vector env autoresets in the same step, so the
+    observation after a done is the next episode's first: it is marked ``is_first`` and the core
+    resets on it. A truncated episode's reward gets ``gamma * V(final_obs)``, the value computed
+    from the state that had not been reset."""
+    policy, device, gamma = agent.policy, agent.device, agent.cfg.gamma
+    policy.eval()
+    with torch.inference_mode():
+        obs = agent.obs_tensor(carry.obs, update=True)
+        mask = agent.mask_tensor(carry.info)
+        state, is_first = carry.state, carry.is_first
+        for t in range(buffer.T):
+            if t % buffer.L == 0:
+                buffer.store_state(t, state)
+            dist_params, value, next_state = policy.step(obs, state, is_first)
+            dist = agent.distribution(dist_params, mask)
+            action = dist.sample()
+            buffer.obs[t], buffer.is_first[t], buffer.actions[t] = obs, is_first, action
+            buffer.log_probs[t], buffer.values[t] = dist.log_prob(action), value
+            if mask is not None:
+                buffer.masks[t] = mask
+            obs_np, reward_np, term_np, trunc_np, info = envs.step(agent.env_actions(action))
+            done_np = term_np | trunc_np
+            carry.episodes.update(reward_np, done_np)
+            reward = carry.reward_scaler(
+                torch.as_tensor(reward_np, dtype=torch.float32), torch.as_tensor(done_np)
+            )
+            truncated = np.flatnonzero(trunc_np & ~term_np)
+            if len(truncated):
+                final = np.stack([info["final_obs"][i] for i in truncated])
+                rows = torch.as_tensor(truncated, device=device)
+                _, final_value, _ = policy.step(
+                    agent.obs_tensor(final, update=False),
+                    select_state(next_state, rows),
+                    torch.zeros(len(truncated), dtype=torch.bool, device=device),
+                )
+                reward[truncated] += gamma * final_value.float().cpu()
+            is_first = torch.as_tensor(done_np, device=device)
+            buffer.rewards[t], buffer.dones[t] = reward.to(device), is_first
+            state = next_state
+            obs = agent.obs_tensor(obs_np, update=True)
+            mask = agent.mask_tensor(info)
+        _, last_value, _ = policy.step(obs, state, is_first)
+    carry.obs, carry.info, carry.state, carry.is_first = obs_np, info, state, is_first
+    carry.returns = carry.episodes.pop()
+    return last_value
+
+
+def train_ppo(cfg: PPOConfig) -> dict[str, float]:
+    """Train; writes the run directory and summary.json; returns the summary."""
+    run = Run("ppo", cfg)
+    device = run.device
+    N, T = cfg.num_envs, cfg.rollout_steps
+    try:
+        envs = make_vector_env(cfg.env, N, cfg.seed, cfg.vector, autoreset_mode="same_step")
+        agent = PPOAgent(cfg, envs.single_observation_space, envs.single_action_space, device)
+    except ValueError as err:  # unknown env id, unsupported space: the user's input
+        raise ConfigError(f"--env {cfg.env}: {err}") from None
+    num_updates = max(1, cfg.total_steps // (N * T))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    reward_scaler = RewardScaler(N, cfg.gamma, cfg.norm_reward)
+    update, mmer, wall = 0, -float("inf"), 0.0
+    if (ckpt := run.restore()) is not None:
+        agent.load_state_dict(ckpt["agent"])
+        reward_scaler.load_state_dict(ckpt["reward_scaler"])
+        generator.set_state(ckpt["generator"])
+        update, mmer, wall = ckpt["update"], ckpt["mmer"], ckpt["wall_seconds"]
+    # envs cannot be checkpointed: on resume they restart, with fresh seeds, and memory with them
+    obs, info = envs.reset(seed=vector_env_seeds(cfg.seed + update, N))
+    carry = Carry(
+        obs,
+        info,
+        agent.policy.initial_state(N, device),
+        torch.ones(N, dtype=torch.bool, device=device),
+        EpisodeTracker(N),
+        reward_scaler,
+    )
+    mask = agent.mask_tensor(info)
+    buffer = RolloutBuffer(
+        T,
+        N,
+        int(np.prod(envs.single_observation_space.shape)),
+        (agent.head.action_dim,),
+        agent.head.action_dtype,
+        None if mask is None else mask.shape[-1],
+        cfg.bptt_len,
+        device,
+    )
+    bar = run.progress(num_updates * N * T)
+    start = time.perf_counter() - wall
+    while update < num_updates:
+        update += 1
+        if cfg.anneal_lr:
+            for group in agent.optimizer.param_groups:
+                group["lr"] = cfg.lr * (1.0 - (update - 1) / num_updates)
+        last_value = collect_rollout(agent, envs, buffer, carry)
+        buffer.compute_gae(last_value, cfg.gamma, cfg.gae_lambda)
+        agent.policy.train()
+        figures = agent.update(buffer, generator)
+        run.check_finite(update * N * T, loss=figures["loss/policy"] + figures["loss/value"])
+        step, wall = update * N * T, time.perf_counter() - start
+        figures.update(sps=step / wall, lr=agent.optimizer.param_groups[0]["lr"])
+        if carry.returns:
+            figures["episode_return"] = float(np.mean(carry.returns))
+            mmer = max(mmer, figures["episode_return"])
+            figures["mmer"] = mmer
+        run.log(step, figures)
+        bar.update(N * T)
+        bar.set_postfix(
+            ret=f"{figures.get('episode_return', float('nan')):.2f}", sps=f"{figures['sps']:.0f}"
+        )
+        if update % cfg.checkpoint_interval == 0 or update == num_updates:
+            run.save(
+                step,
+                {
+                    "agent": agent.state_dict(),
+                    "generator": generator.get_state(),
+                    "reward_scaler": reward_scaler.state_dict(),
+                    "update": update,
+                    "mmer": mmer,
+                    "wall_seconds": wall,
+                },
+            )
+    bar.close()
+    envs.close()
+    eval_return = evaluate(agent, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000)
+    summary = {
+        "env": cfg.env,
+        "core": cfg.core,
+        "total_steps": num_updates * N * T,
+        "wall_seconds": wall,
+        "sps": num_updates * N * T / wall,
+        "final_eval_return": eval_return,
+        "mmer": mmer,
+    }
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.finish()
+    print(
+        f"ppo[{cfg.core}] {cfg.env}: final eval return {eval_return:.3f}, mmer {mmer:.3f}, "
+        f"{summary['sps']:.0f} steps/s; run directory {run.dir}"
+    )
+    return summary
