@@ -16,7 +16,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	set -e; for core in gru lstm s4d none; do $(VENV)/bin/memrl recall --core $$core; done
+	$(VENV)/bin/memrl demo
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks

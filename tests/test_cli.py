@@ -43,7 +43,7 @@ def memrl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["recal"], "unknown command 'recal'; expected one of: recall"),
+        (["recal"], "unknown command 'recal'; expected one of: demo, recall"),
         (["recall", "--bogus-flag", "1"], "--bogus-flag"),
         (["recall", "--lr", "fast"], "--lr"),
         (["recall", "--lr", "-1"], "lr=-1.0; expected a positive number"),

@@ -16,6 +16,7 @@ import tyro
 
 # command -> (module, config class, entry function); imported only when the command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("memrl.rl.demo", "DemoConfig", "run_demo"),
     "recall": ("memrl.recall", "RecallConfig", "train_recall"),
     "ppo": ("memrl.rl.ppo", "PPOConfig", "train_ppo"),
     "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval"),
