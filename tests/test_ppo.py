@@ -190,3 +190,18 @@ def test_resume_continues_with_saved_model_optimiser_and_counters(tmp_path):
 def test_unknown_env_is_a_clear_cli_error(env, message, capsys):
     assert main(["ppo", "--env", env, "--device", "cpu", "--total-steps", "64"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_refresh_states_recomputes_stored_states_with_current_weights():
+    agent, buffer, _ = _rollout("lstm")
+    before = [tuple(s.clone() for s in state) for state in buffer.states]
+    buffer.refresh_states(agent.policy)  # same weights: the same states
+    for old, new in zip(before, buffer.states, strict=True):
+        for a, b in zip(old, new, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        for p in agent.policy.actor_memory.parameters():
+            p.mul_(1.5)
+    buffer.refresh_states(agent.policy)
+    assert torch.equal(buffer.states[0][0], before[0][0])  # the rollout's first state stays
+    assert not torch.allclose(buffer.states[-1][0], before[-1][0])

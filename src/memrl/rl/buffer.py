@@ -66,6 +66,17 @@ class RolloutBuffer:
         """Keep the state the policy had *before* step ``t`` (a sequence start)."""
         self.states[t // self.L] = tuple(s.clone() for s in state)
 
+    @torch.no_grad()
+    def refresh_states(self, policy) -> None:
+        """Recompute the stored states of sequences 1.. with the current weights, unrolling the
+        rollout from its first stored state (stale stored states are one source of PPO's
+        recurrent off-policyness; R2D2 section 3)."""
+        state = self.states[0]
+        for k in range(1, len(self.states)):
+            window = slice((k - 1) * self.L, k * self.L)
+            _, _, state = policy(self.obs[window], state, self.is_first[window])
+            self.states[k] = state
+
     def compute_gae(self, last_value: torch.Tensor, gamma: float, lam: float) -> None:
         """GAE(lambda). ``dones[t]``: the transition at t ended its episode (a truncation's
         bootstrap value is already folded into its reward), so nothing flows across it."""

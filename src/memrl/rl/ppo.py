@@ -84,6 +84,8 @@ class PPOConfig(RunOptions):
     """Gradient-norm clip."""
     target_kl: float | None = None
     """Stop the epoch loop early when the approximate KL exceeds this."""
+    refresh_states: bool = False
+    """Before each epoch, recompute the stored sequence-start states with the current weights."""
     norm_adv: bool = True
     """Normalise advantages per minibatch."""
     norm_obs: bool = False
@@ -183,6 +185,8 @@ class PPOAgent:
         count = 0
         for _ in range(cfg.epochs):
             approx_kl = 0.0
+            if cfg.refresh_states:
+                buffer.refresh_states(self.policy)
             for mb in buffer.minibatches(cfg.minibatch_steps // cfg.bptt_len, generator):
                 dist_params, values, _ = self.policy(mb.obs, mb.state, mb.is_first)
                 dist = self.distribution(dist_params, mb.masks)
