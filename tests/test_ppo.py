@@ -12,7 +12,7 @@ from memrl.cli import main
 from memrl.cores import select_state
 from memrl.envs import make_vector_env
 from memrl.rl.buffer import RolloutBuffer
-from memrl.rl.evaluate import EpisodeTracker
+from memrl.rl.evaluate import EpisodeTracker, PPOEvalConfig, run_ppo_eval
 from memrl.rl.normalize import RewardScaler
 from memrl.rl.ppo import Carry, PPOAgent, PPOConfig, collect_rollout, train_ppo
 from memrl.runs import load_checkpoint, read_metrics
@@ -146,6 +146,11 @@ def test_memory_solves_repeat_two_back_and_feed_forward_does_not(tmp_path):
     assert results["gru"] > 0.9, results
     assert results["lstm"] > 0.9, results
     assert results["none"] < 0.7, results
+    # seed 002's ablation: wiping the memory every step makes the trained GRU forget the bits
+    ablation = run_ppo_eval(PPOEvalConfig(tmp_path / "gru", episodes=32, reset_every=(1, 64)))
+    assert ablation["return_vs_reset_every"]["1"] < ablation["return"] - 0.2, ablation
+    assert (tmp_path / "gru" / "eval.json").is_file()
+    assert (tmp_path / "gru" / "plots" / "return_vs_reset_every.png").is_file()
 
 
 def test_resume_continues_with_saved_model_optimiser_and_counters(tmp_path):
