@@ -1,0 +1,374 @@
+"""memrl ``ppo`` against sb3-contrib ``RecurrentPPO``: speed and final return, same settings.
+
+    python benchmarks/ppo_vs_sb3.py [--envs popgym/RepeatPreviousEasy ...] [--total-steps 200000]
+        [--seeds 1] [--sb3-layouts default fast] [--threads 2] [--out benchmarks_ppo_vs_sb3.json]
+
+Both run in this one process, one after the other (per seed the framework that goes first
+alternates), on CPU with the same torch thread count, with the settings of issue 4: 16 envs x
+128 rollout steps, LSTM 128, 4 epochs, minibatches of 512 steps, gamma 0.99, GAE lambda 0.95,
+clip 0.2, entropy 0.01, value 0.5, max grad norm 0.5, Adam lr 1e-3 (eps 1e-5, both) annealed
+linearly to zero on the same per-update schedule (``--no-anneal-lr``: constant for both), no
+observation / reward normalisation, no value clipping. sb3 steps the very same environments:
+memrl's ``make_env`` (POPGym observation one-hot + previous action + previous reward), 16
+copies in a DummyVecEnv seeded as memrl seeds its vector env, each in sb3's Monitor.
+
+Architecture: memrl is encoder Linear(obs, 128) + tanh -> LSTM(128) -> linear actor and critic
+heads. sb3 gets the same: a features extractor Linear(obs, 128) + tanh (``Encoder`` below),
+``lstm_hidden_size=128``, ``net_arch=[]`` (heads read the LSTM output directly), orthogonal init
+with sb3's gains (sqrt 2 encoder, 0.01 actor, 1 critic: memrl's too). Two layouts
+(../shared/notes/popgym.md, "a fair speed comparison reports two ratios"):
+
+  default  sb3's default: separate actor and critic LSTMs (here also separate encoders)
+           vs memrl ``--separate-critic``
+  fast     sb3's fastest: ``shared_lstm=True, enable_critic_lstm=False``
+           vs memrl's default shared memory
+
+Reported per (env, framework/layout, seed): environment steps per second of the whole training
+loop (sb3: wall clock of ``.learn()``; memrl: ``train_ppo``'s loop, ``summary["sps"]``; both
+exclude model construction and the final evaluation), and the final return: the mean over 32
+evaluation episodes with greedy actions (memrl: ``summary["final_eval_return"]``; sb3: the same
+procedure as memrl's ``evaluate``, 16 envs seeded ``seed + 10000``, ``model.predict`` with the
+LSTM state and episode starts carried, the first 32 episodes to finish). A markdown table goes
+to stdout, one JSON row per run to ``--out``.
+
+``--sb3-policy stock`` instead runs sb3's MlpLstmPolicy as shipped (LSTM on the raw observation,
+net_arch pi=[64, 64], vf=[64, 64]) with only the LSTM size and layout set.
+
+Differences that remain: sb3 trains on whole-rollout sequences split at episode starts (its
+BPTT runs up to 128 steps, zero-padded; the LSTM falls back to a per-step loop whenever a
+sequence in the minibatch starts an episode), memrl on fixed 16-step sequences from stored states
+(``--memrl-bptt-len``); in sb3's shared layout the value loss does not reach the LSTM or the
+encoder (``latent_pi.detach()``), in memrl's it does; PyTorch's default LSTM init in sb3,
+memrl's own in memrl. Run it on a quiet machine: on 2 cores, another busy job slowed both
+frameworks by 50-150x in one trial; each row records the load average before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # memrl's progress bar; one line per run instead
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sb3_contrib import RecurrentPPO  # noqa: E402
+from stable_baselines3.common.monitor import Monitor  # noqa: E402
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor  # noqa: E402
+from stable_baselines3.common.utils import set_random_seed  # noqa: E402
+from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
+from torch import nn  # noqa: E402
+
+from memrl.envs import make_env, vector_env_seeds  # noqa: E402
+from memrl.rl.ppo import PPOAgent, PPOConfig, train_ppo  # noqa: E402
+
+NUM_ENVS = 16
+ROLLOUT_STEPS = 128
+HIDDEN = 128
+EPOCHS = 4
+MINIBATCH = 512
+GAMMA, GAE_LAMBDA, CLIP, ENT, VF, MAX_GRAD_NORM = 0.99, 0.95, 0.2, 0.01, 0.5, 0.5
+EVAL_EPISODES = 32
+EVAL_SEED_OFFSET = 10_000  # memrl's train_ppo evaluates on seed + 10_000
+LAYOUTS = ("default", "fast")
+
+
+class Encoder(BaseFeaturesExtractor):
+    """memrl's encoder: Linear(obs_dim, features_dim) + tanh, in front of the LSTM."""
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = HIDDEN) -> None:
+        super().__init__(observation_space, features_dim)
+        obs_dim = int(np.prod(observation_space.shape))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(obs_dim, features_dim), nn.Tanh())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+def _monitored_env(env_id: str, seed: int) -> gym.Env:
+    return Monitor(make_env(env_id, seed))
+
+
+def sb3_vec_env(env_id: str, seed: int) -> DummyVecEnv:
+    """16 copies of memrl's ``make_env``, seeded as memrl's ``make_vector_env(env_id, 16,
+    seed)`` seeds its sub-envs (first reset; autoresets draw from the env's own RNG)."""
+    return DummyVecEnv(
+        [functools.partial(_monitored_env, env_id, s) for s in vector_env_seeds(seed, NUM_ENVS)]
+    )
+
+
+def sb3_evaluate(model: RecurrentPPO, env_id: str, seed: int) -> float:
+    """memrl's ``evaluate`` for an sb3 model: greedy actions on 16 envs, LSTM state and
+    episode starts carried, mean return of the first 32 episodes to end."""
+    venv = sb3_vec_env(env_id, seed)
+    obs = venv.reset()
+    state = None
+    starts = np.ones(NUM_ENVS, dtype=bool)
+    returns = np.zeros(NUM_ENVS)
+    finished: list[float] = []
+    while len(finished) < EVAL_EPISODES:
+        actions, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
+        obs, rewards, dones, _ = venv.step(actions)
+        returns += rewards
+        finished.extend(returns[dones].tolist())
+        returns[dones] = 0.0
+        starts = dones
+    venv.close()
+    return float(np.mean(finished[:EVAL_EPISODES]))
+
+
+def run_sb3(env_id: str, layout: str, seed: int, steps: int, args) -> dict:
+    num_updates = steps // (NUM_ENVS * ROLLOUT_STEPS)
+    if args.anneal_lr:
+        # memrl's schedule: update u (1-based) uses lr * (1 - (u - 1) / num_updates). sb3 calls
+        # the schedule after the rollout of update u with progress = 1 - u / num_updates.
+        def lr(progress: float) -> float:
+            return args.lr * min(1.0, progress + 1.0 / num_updates)
+    else:
+        lr = args.lr
+    policy_kwargs: dict = dict(lstm_hidden_size=HIDDEN, n_lstm_layers=1, ortho_init=True)
+    if args.sb3_policy == "matched":  # memrl's architecture
+        policy_kwargs.update(
+            net_arch=[], features_extractor_class=Encoder, features_extractor_kwargs={}
+        )
+    if layout == "default":  # separate actor and critic LSTMs
+        policy_kwargs.update(shared_lstm=False, enable_critic_lstm=True)
+        if args.sb3_policy == "matched":  # and separate encoders, as memrl's
+            policy_kwargs.update(share_features_extractor=False)
+    else:  # critic reads the actor's LSTM output (detached)
+        policy_kwargs.update(shared_lstm=True, enable_critic_lstm=False)
+    set_random_seed(seed)  # not RecurrentPPO(seed=...): that would reseed the envs seed + i
+    venv = sb3_vec_env(env_id, seed)
+    model = RecurrentPPO(
+        "MlpLstmPolicy",
+        venv,
+        learning_rate=lr,
+        n_steps=ROLLOUT_STEPS,
+        batch_size=MINIBATCH,
+        n_epochs=EPOCHS,
+        gamma=GAMMA,
+        gae_lambda=GAE_LAMBDA,
+        clip_range=CLIP,
+        clip_range_vf=None,
+        normalize_advantage=True,
+        ent_coef=ENT,
+        vf_coef=VF,
+        max_grad_norm=MAX_GRAD_NORM,
+        target_kl=None,
+        policy_kwargs=policy_kwargs,
+        verbose=0,
+        device="cpu",
+    )
+    start = time.perf_counter()
+    model.learn(total_timesteps=steps, progress_bar=False)
+    wall = time.perf_counter() - start
+    venv.close()
+    final = sb3_evaluate(model, env_id, seed + EVAL_SEED_OFFSET)
+    return {
+        "total_steps": int(model.num_timesteps),
+        "wall_seconds": wall,
+        "sps": model.num_timesteps / wall,
+        "final_eval_return": final,
+        "params": sum(p.numel() for p in model.policy.parameters()),
+    }
+
+
+def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) -> dict:
+    cfg = PPOConfig(
+        env=env_id,
+        core="lstm",
+        num_envs=NUM_ENVS,
+        rollout_steps=ROLLOUT_STEPS,
+        total_steps=steps,
+        hidden_size=HIDDEN,
+        separate_critic=layout == "default",
+        bptt_len=args.memrl_bptt_len,
+        epochs=EPOCHS,
+        minibatch_steps=MINIBATCH,
+        lr=args.lr,
+        anneal_lr=args.anneal_lr,
+        gamma=GAMMA,
+        gae_lambda=GAE_LAMBDA,
+        clip_coef=CLIP,
+        ent_coef=ENT,
+        vf_coef=VF,
+        max_grad_norm=MAX_GRAD_NORM,
+        eval_episodes=EVAL_EPISODES,
+        seed=seed,
+        device="cpu",
+        output_dir=tmp / f"{env_id.replace('/', '_')}-{layout}-s{seed}",
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = train_ppo(cfg)
+    probe = make_env(env_id)  # the same network again, to count its parameters
+    agent = PPOAgent(cfg, probe.observation_space, probe.action_space, torch.device("cpu"))
+    probe.close()
+    return {
+        "total_steps": int(summary["total_steps"]),
+        "wall_seconds": summary["wall_seconds"],
+        "sps": summary["sps"],
+        "final_eval_return": summary["final_eval_return"],
+        "mmer": summary["mmer"],
+        "params": sum(p.numel() for p in agent.policy.parameters()),
+    }
+
+
+def table(rows: list[dict], layouts: list[str]) -> str:
+    """One line per (env, layout, seed), plus a median line per (env, layout) over seeds."""
+    out = [
+        "| env | layout | seed | memrl steps/s | sb3 steps/s | speed memrl/sb3 "
+        "| memrl return | sb3 return |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    envs = list(dict.fromkeys(r["env"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    for env_id in envs:
+        for layout in layouts:
+            pairs = []
+            for seed in seeds:
+                pick = {
+                    r["framework"]: r
+                    for r in rows
+                    if (r["env"], r["layout"], r["seed"]) == (env_id, layout, seed)
+                }
+                if len(pick) == 2:
+                    pairs.append((seed, pick["memrl"], pick["sb3"]))
+            lines = [
+                (str(s), m["sps"], b["sps"], m["final_eval_return"], b["final_eval_return"])
+                for s, m, b in pairs
+            ]
+            if len(pairs) > 1:
+                lines.append(
+                    ("median",)
+                    + tuple(statistics.median(line[i] for line in lines) for i in range(1, 5))
+                )
+            for seed, m_sps, b_sps, m_ret, b_ret in lines:
+                out.append(
+                    f"| {env_id} | {layout} | {seed} | {m_sps:,.0f} | {b_sps:,.0f} | "
+                    f"{m_sps / b_sps:.1f}x | {m_ret:.3f} | {b_ret:.3f} |"
+                )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--envs",
+        nargs="+",
+        default=["popgym/RepeatPreviousEasy"],
+        help="environment ids (memrl's make_env forms)",
+    )
+    parser.add_argument(
+        "--total-steps",
+        type=int,
+        default=200_000,
+        help="env steps per run, rounded down to a multiple of 16 x 128",
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 per env and layout")
+    parser.add_argument(
+        "--sb3-layouts",
+        nargs="+",
+        choices=LAYOUTS,
+        default=list(LAYOUTS),
+        help="default: separate actor/critic LSTMs vs memrl --separate-critic; "
+        "fast: shared_lstm=True, enable_critic_lstm=False vs memrl's shared core",
+    )
+    parser.add_argument(
+        "--sb3-policy",
+        choices=("matched", "stock"),
+        default="matched",
+        help="matched: memrl's network (encoder Linear+tanh -> LSTM -> linear "
+        "heads); stock: MlpLstmPolicy's own (LSTM on the raw observation, "
+        "net_arch pi=[64, 64], vf=[64, 64]), only lstm_hidden_size=128 set",
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (both)")
+    parser.add_argument(
+        "--anneal-lr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="anneal the lr linearly to zero, same schedule in both",
+    )
+    parser.add_argument(
+        "--memrl-bptt-len",
+        type=int,
+        default=16,
+        help="memrl's truncated-BPTT length (sb3 has no such setting)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks_ppo_vs_sb3.json"),
+        help="JSON file for the rows",
+    )
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # memrl's Run sets it too; set it up front for both
+    load = os.getloadavg()
+    unit = NUM_ENVS * ROLLOUT_STEPS
+    steps = max(1, args.total_steps // unit) * unit
+    layouts = [layout for layout in LAYOUTS if layout in args.sb3_layouts]
+    plan = [
+        (env_id, seed, layout, framework)
+        for env_id in args.envs
+        for seed in range(args.seeds)
+        for layout in layouts
+        # alternate which framework goes first, so warm-up and drift hit both alike
+        for framework in (("memrl", "sb3") if seed % 2 == 0 else ("sb3", "memrl"))
+    ]
+    print(
+        f"memrl ppo vs sb3-contrib RecurrentPPO: {steps:,} steps per run, {NUM_ENVS} envs x "
+        f"{ROLLOUT_STEPS} steps, LSTM {HIDDEN}, {EPOCHS} epochs, minibatch {MINIBATCH}, "
+        f"lr {args.lr:g}{' annealed' if args.anneal_lr else ''}, CPU, "
+        f"{torch.get_num_threads()} torch threads, sb3 policy {args.sb3_policy}, "
+        f"{len(plan)} runs; load average {load[0]:.2f} (the machine should be quiet)",
+        flush=True,
+    )
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="memrl-ppo-vs-sb3-") as tmp:
+        for i, (env_id, seed, layout, framework) in enumerate(plan, 1):
+            name = f"{framework}/{layout}"
+            print(f"[{i}/{len(plan)}] {env_id} {name:13s} seed {seed}: ", end="", flush=True)
+            loadavg_before = os.getloadavg()[0]
+            if framework == "memrl":
+                result = run_memrl(env_id, layout, seed, steps, args, Path(tmp))
+            else:
+                result = run_sb3(env_id, layout, seed, steps, args)
+            torch.set_num_threads(args.threads)  # in case a framework changed it
+            row = {
+                "env": env_id,
+                "framework": framework,
+                "layout": layout,
+                "seed": seed,
+                "sb3_policy": args.sb3_policy if framework == "sb3" else None,
+                "threads": args.threads,
+                "loadavg_before": loadavg_before,
+            }
+            row.update(result)
+            rows.append(row)
+            print(
+                f"{result['sps']:,.0f} steps/s ({result['wall_seconds']:.1f} s), "
+                f"final return {result['final_eval_return']:.3f}",
+                flush=True,
+            )
+            args.out.write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive
+    print()
+    print(table(rows, layouts))
+    print(f"\nrows written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
