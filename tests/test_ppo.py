@@ -51,7 +51,7 @@ class RepeatTwoBack(gym.Env):
 ENV = f"{__name__}:RepeatTwoBack"
 
 
-def _rollout(core: str, steps: int = 32):
+def _rollout(core: str, steps: int = 32, burn_in: int = 0):
     cfg = PPOConfig(
         env=ENV,
         core=core,
@@ -76,7 +76,9 @@ def _rollout(core: str, steps: int = 32):
         EpisodeTracker(cfg.num_envs),
         RewardScaler(cfg.num_envs, 0.99, False),
     )
-    buffer = RolloutBuffer(steps, cfg.num_envs, 2, (1,), torch.long, None, 8, torch.device("cpu"))
+    buffer = RolloutBuffer(
+        steps, cfg.num_envs, 2, (1,), torch.long, None, 8, torch.device("cpu"), burn_in=burn_in
+    )
     collect_rollout(agent, envs, buffer, carry)
     return agent, buffer, initial
 
@@ -95,16 +97,19 @@ def test_stored_state_is_the_state_the_policy_had(core):
     assert len(buffer.states[0]) == (2 if core == "lstm" else 1)  # (h, c) for the LSTM
 
 
-@pytest.mark.parametrize("core", ["gru", "lstm"])
-def test_training_sees_what_acting_saw(core):
-    """Minibatches of sequences started from stored states reproduce the rollout's log-probs
-    and values exactly: no state leaks across an episode start inside a sequence."""
-    agent, buffer, _ = _rollout(core)
+@pytest.mark.parametrize(("core", "burn_in"), [("gru", 0), ("lstm", 0), ("lstm", 3), ("gru", 8)])
+def test_training_sees_what_acting_saw(core, burn_in):
+    """Minibatches of sequences started from stored states (or burned in from the states B
+    steps earlier, R2D2) reproduce the rollout's log-probs and values exactly: no state leaks
+    across an episode start inside a sequence."""
+    agent, buffer, _ = _rollout(core, burn_in=burn_in)
     buffer.compute_gae(torch.zeros(buffer.N), 0.99, 0.95)
     seen = 0
     with torch.no_grad():
         for mb in buffer.minibatches(3, torch.Generator().manual_seed(0)):
-            params, values, _ = agent.policy(mb.obs, mb.state, mb.is_first)
+            assert (mb.burn_in is None) == (burn_in == 0)
+            start = agent.sequence_start_state(mb)
+            params, values, _ = agent.policy(mb.obs, start, mb.is_first)
             log_probs = agent.distribution(params, mb.masks).log_prob(mb.actions)
             torch.testing.assert_close(log_probs, mb.log_probs, rtol=0, atol=1e-5)
             torch.testing.assert_close(values, mb.values, rtol=0, atol=1e-5)
@@ -210,3 +215,16 @@ def test_refresh_states_recomputes_stored_states_with_current_weights():
     buffer.refresh_states(agent.policy)
     assert torch.equal(buffer.states[0][0], before[0][0])  # the rollout's first state stays
     assert not torch.allclose(buffer.states[-1][0], before[-1][0])
+
+
+def test_burn_in_rederives_start_states_with_current_weights():
+    agent, buffer, _ = _rollout("gru", burn_in=4)
+    with torch.no_grad():
+        for p in agent.policy.actor_memory.core.parameters():
+            p.mul_(1.3)
+        for mb in buffer.minibatches(64, torch.Generator().manual_seed(0)):
+            start = agent.sequence_start_state(mb)[0]
+            valid = mb.burn_in.valid
+            assert valid.any() and not valid.all()
+            assert torch.equal(start[~valid], mb.state[0][~valid])  # rollout start: stored
+            assert not torch.allclose(start[valid], mb.state[0][valid])  # the rest: re-derived

@@ -25,6 +25,20 @@ class SequenceBatch:
     advantages: torch.Tensor  # (L, S)
     returns: torch.Tensor  # (L, S)
     state: State  # each (S, ...)
+    burn_in: BurnIn | None = None
+
+
+@dataclass
+class BurnIn:
+    """R2D2 burn-in (Kapturowski et al. 2019, section 3): the B steps before each sequence,
+    replayed without gradient from the state stored at their start, re-derive the sequence's
+    initial state with the current weights. Sequences at a rollout's start have no steps
+    before them (``valid`` false) and keep their stored state."""
+
+    obs: torch.Tensor  # (B, S, D)
+    is_first: torch.Tensor  # (B, S) bool
+    state: State  # each (S, ...)
+    valid: torch.Tensor  # (S,) bool
 
 
 class RolloutBuffer:
@@ -40,6 +54,7 @@ class RolloutBuffer:
         mask_dim: int | None,
         bptt_len: int,
         device: torch.device,
+        burn_in: int = 0,
     ) -> None:
         if num_steps % bptt_len:
             raise ValueError(f"rollout_steps={num_steps} must be a multiple of bptt_len={bptt_len}")
@@ -60,11 +75,20 @@ class RolloutBuffer:
         self.dones = torch.zeros(T, N, dtype=torch.bool, device=device)
         self.advantages = torch.zeros(T, N, **f32)
         self.returns = torch.zeros(T, N, **f32)
+        if not 0 <= burn_in <= bptt_len:
+            raise ValueError(f"burn_in={burn_in}; expected 0 <= burn_in <= bptt_len={bptt_len}")
+        self.burn_in = burn_in
         self.states: list[State] = [()] * (T // bptt_len)  # state at each sequence start
+        self.burn_states: list[State] = [()] * (T // bptt_len)  # ... and B steps before it
 
     def store_state(self, t: int, state: State) -> None:
         """Keep the state the policy had *before* step ``t`` (a sequence start)."""
         self.states[t // self.L] = tuple(s.clone() for s in state)
+
+    def store_burn_in_state(self, t: int, state: State) -> None:
+        """Keep the state before step ``t`` if a burn-in window starts there."""
+        if self.burn_in and (t + self.burn_in) % self.L == 0 and t + self.burn_in < self.T:
+            self.burn_states[(t + self.burn_in) // self.L] = tuple(s.clone() for s in state)
 
     @torch.no_grad()
     def refresh_states(self, policy) -> None:
@@ -113,6 +137,7 @@ class RolloutBuffer:
         }
         masks = None if self.masks is None else self._sequences(self.masks)
         state = tuple(torch.cat(parts) for parts in zip(*self.states, strict=True))  # (K*N, ...)
+        burn = self._burn_in_windows() if self.burn_in else None
         count = fields["obs"].shape[1]
         order = torch.randperm(count, generator=generator).to(self.device)
         for start in range(0, count, sequences_per_batch):
@@ -121,4 +146,32 @@ class RolloutBuffer:
                 **{k: v[:, idx] for k, v in fields.items()},
                 masks=None if masks is None else masks[:, idx],
                 state=tuple(s[idx] for s in state),
+                burn_in=None
+                if burn is None
+                else BurnIn(
+                    obs=burn.obs[:, idx],
+                    is_first=burn.is_first[:, idx],
+                    state=tuple(s[idx] for s in burn.state),
+                    valid=burn.valid[idx],
+                ),
             )
+
+    def _burn_in_windows(self) -> BurnIn:
+        """The B steps before every sequence, (B, K*N, ...); zeros before the rollout."""
+        B, K = self.burn_in, self.T // self.L
+
+        def windows(x: torch.Tensor) -> torch.Tensor:
+            padded = torch.cat([x.new_zeros(B, *x.shape[1:]), x])  # padded[t + B] = x[t]
+            steps = torch.stack([padded[k * self.L : k * self.L + B] for k in range(K)], 1)
+            return steps.reshape(B, K * self.N, *x.shape[2:])  # (B, K*N, ...)
+
+        first_states = self.states[0]
+        states = [first_states, *self.burn_states[1:]]
+        valid = torch.ones(K, self.N, dtype=torch.bool, device=self.device)
+        valid[0] = False
+        return BurnIn(
+            obs=windows(self.obs),
+            is_first=windows(self.is_first),
+            state=tuple(torch.cat(parts) for parts in zip(*states, strict=True)),
+            valid=valid.reshape(-1),
+        )

@@ -23,7 +23,7 @@ from torch import nn
 
 from memrl.cores import State, select_state
 from memrl.envs import make_vector_env, vector_env_seeds
-from memrl.rl.buffer import RolloutBuffer
+from memrl.rl.buffer import RolloutBuffer, SequenceBatch
 from memrl.rl.distributions import (
     action_head,
     action_mask_tensor,
@@ -84,6 +84,9 @@ class PPOConfig(RunOptions):
     """Gradient-norm clip."""
     target_kl: float | None = None
     """Stop the epoch loop early when the approximate KL exceeds this."""
+    burn_in: int = 0
+    """R2D2 burn-in: re-derive each sequence's initial state by replaying the B steps before it
+    (no gradient) from the state stored there; 0 <= B <= bptt_len."""
     refresh_states: bool = False
     """Before each epoch, recompute the stored sequence-start states with the current weights."""
     norm_adv: bool = True
@@ -111,6 +114,8 @@ class PPOConfig(RunOptions):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if not 0 <= self.burn_in <= self.bptt_len:
+            raise ValueError(f"burn_in={self.burn_in}; expected 0 <= burn_in <= bptt_len")
         if self.rollout_steps % self.bptt_len:
             raise ValueError(
                 f"bptt_len={self.bptt_len} must divide rollout_steps={self.rollout_steps}"
@@ -176,6 +181,19 @@ class PPOAgent:
         self.optimizer.load_state_dict(state["optimizer"])
         self.obs_norm.stats.load_state_dict(state["obs_norm"])
 
+    @torch.no_grad()
+    def sequence_start_state(self, mb: SequenceBatch) -> State:
+        """The stored state, or with burn-in the state re-derived by replaying the steps before
+        the sequence with the current weights (rows without such steps keep the stored one)."""
+        if mb.burn_in is None:
+            return mb.state
+        burn = mb.burn_in
+        _, _, warmed = self.policy(burn.obs, burn.state, burn.is_first)
+        return tuple(
+            torch.where(burn.valid.view(-1, *[1] * (w.dim() - 1)), w, s)
+            for w, s in zip(warmed, mb.state, strict=True)
+        )
+
     def update(self, buffer: RolloutBuffer, generator: torch.Generator) -> dict[str, float]:
         """PPO epochs over minibatches of whole sequences (truncated BPTT), each started from
         the state stored at its first step."""
@@ -188,7 +206,9 @@ class PPOAgent:
             if cfg.refresh_states:
                 buffer.refresh_states(self.policy)
             for mb in buffer.minibatches(cfg.minibatch_steps // cfg.bptt_len, generator):
-                dist_params, values, _ = self.policy(mb.obs, mb.state, mb.is_first)
+                dist_params, values, _ = self.policy(
+                    mb.obs, self.sequence_start_state(mb), mb.is_first
+                )
                 dist = self.distribution(dist_params, mb.masks)
                 log_ratio = dist.log_prob(mb.actions) - mb.log_probs
                 ratio = log_ratio.exp()
@@ -255,6 +275,7 @@ def collect_rollout(agent: PPOAgent, envs, buffer: RolloutBuffer, carry: Carry) 
         for t in range(buffer.T):
             if t % buffer.L == 0:
                 buffer.store_state(t, state)
+            buffer.store_burn_in_state(t, state)
             dist_params, value, next_state = policy.step(obs, state, is_first)
             dist = agent.distribution(dist_params, mask)
             action = dist.sample()
@@ -328,6 +349,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
         None if mask is None else mask.shape[-1],
         cfg.bptt_len,
         device,
+        burn_in=cfg.burn_in,
     )
     bar = run.progress(num_updates * N * T)
     start = time.perf_counter() - wall
