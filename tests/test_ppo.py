@@ -228,3 +228,28 @@ def test_burn_in_rederives_start_states_with_current_weights():
             assert valid.any() and not valid.all()
             assert torch.equal(start[~valid], mb.state[0][~valid])  # rollout start: stored
             assert not torch.allclose(start[valid], mb.state[0][valid])  # the rest: re-derived
+
+
+def test_async_vector_env_trains_exactly_like_sync(tmp_path):
+    params = {}
+    for vector in ("sync", "async"):
+        cfg = PPOConfig(
+            env=ENV,
+            vector=vector,
+            num_envs=2,
+            rollout_steps=16,
+            bptt_len=8,
+            minibatch_steps=16,
+            total_steps=64,
+            hidden_size=8,
+            device="cpu",
+            eval_episodes=2,
+            deterministic=True,
+            output_dir=tmp_path / vector,
+        )
+        train_ppo(cfg)
+        params[vector] = load_checkpoint(tmp_path / vector / "checkpoints" / "last.pt")
+    sync, parallel = (params[v]["agent"]["policy"] for v in ("sync", "async"))
+    assert sync.keys() == parallel.keys()
+    for key in sync:
+        assert torch.equal(sync[key], parallel[key]), key
