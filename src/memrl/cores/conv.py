@@ -60,6 +60,20 @@ class _ConvRecurrentCore(Core):
             )
             for k in range(num_layers)
         )
+        self._build_recurrent_convs()
+        self.to(memory_format=torch.channels_last)  # ~10% faster oneDNN convolutions on CPU
+
+    @abc.abstractmethod
+    def _build_recurrent_convs(self) -> None:
+        """Create the h-part convolutions (and adjust the x-part, e.g. a gate bias)."""
+
+    def _h_convs(self, out_gates: int) -> nn.ModuleList:
+        """One bias-free 'same' convolution K -> out_gates * K per layer."""
+        K = self.hidden_channels
+        return nn.ModuleList(
+            nn.Conv2d(K, out_gates * K, self.kernel_size, padding="same", bias=False)
+            for _ in range(self.num_layers)
+        )
 
     @property
     def output_channels(self) -> int:
@@ -104,23 +118,8 @@ class ConvGRUCore(_ConvRecurrentCore):
 
     _x_gates, _n_state = 3, 1  # x convolution: (z, r, h~)
 
-    def __init__(
-        self,
-        input_channels: int,
-        hidden_channels: int,
-        spatial_size: int | tuple[int, int],
-        kernel_size: int = 3,
-        num_layers: int = 1,
-    ) -> None:
-        super().__init__(input_channels, hidden_channels, spatial_size, kernel_size, num_layers)
-        K = hidden_channels
-        self.h_convs_zr = nn.ModuleList(
-            nn.Conv2d(K, 2 * K, kernel_size, padding="same", bias=False) for _ in range(num_layers)
-        )
-        self.h_convs_n = nn.ModuleList(
-            nn.Conv2d(K, K, kernel_size, padding="same", bias=False) for _ in range(num_layers)
-        )
-        self.to(memory_format=torch.channels_last)  # ~10% faster oneDNN convolutions on CPU
+    def _build_recurrent_convs(self) -> None:
+        self.h_convs_zr, self.h_convs_n = self._h_convs(2), self._h_convs(1)
 
     def _cell(self, k: int, x_proj: torch.Tensor, state: State) -> State:
         (h,) = state
@@ -140,23 +139,12 @@ class ConvLSTMCore(_ConvRecurrentCore):
 
     _x_gates, _n_state = 4, 2  # x convolution: (i, f, g, o)
 
-    def __init__(
-        self,
-        input_channels: int,
-        hidden_channels: int,
-        spatial_size: int | tuple[int, int],
-        kernel_size: int = 3,
-        num_layers: int = 1,
-    ) -> None:
-        super().__init__(input_channels, hidden_channels, spatial_size, kernel_size, num_layers)
-        K = hidden_channels
-        self.h_convs = nn.ModuleList(
-            nn.Conv2d(K, 4 * K, kernel_size, padding="same", bias=False) for _ in range(num_layers)
-        )
+    def _build_recurrent_convs(self) -> None:
+        self.h_convs = self._h_convs(4)
+        K = self.hidden_channels
         with torch.no_grad():
             for conv in self.x_convs:
-                conv.bias[K : 2 * K] = 1.0
-        self.to(memory_format=torch.channels_last)  # ~10% faster oneDNN convolutions on CPU
+                conv.bias[K : 2 * K] = 1.0  # forget gate
 
     def _cell(self, k: int, x_proj: torch.Tensor, state: State) -> State:
         h, c = state
