@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "recall": ("memrl.recall", "RecallConfig", "train_recall"),
     "ppo": ("memrl.rl.ppo", "PPOConfig", "train_ppo"),
     "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval"),
+    "rssm": ("memrl.world_model.train", "RSSMTrainConfig", "train_rssm"),
+    "rssm-eval": ("memrl.world_model.evaluate", "RSSMEvalConfig", "run_rssm_eval"),
 }
 
 USAGE = """usage: memrl <command> [--config PATH] [--resume RUN_DIR] [flags]
@@ -54,6 +56,19 @@ def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
     return value, rest
 
 
+def _spell_flags(args: Sequence[str], aliases: dict[str, str]) -> list[str]:
+    """Accept ``--batch_size`` for ``--batch-size`` (seed 001's spelling) and a config's own
+    ``FLAG_ALIASES``; values are left alone."""
+    spelled = []
+    for arg in args:
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            name = name.replace("_", "-")
+            arg = aliases.get(name, name) + eq + value
+        spelled.append(arg)
+    return spelled
+
+
 def _option_value(args: Sequence[str], names: Sequence[str]) -> str | None:
     for i, arg in enumerate(args):
         for name in names:
@@ -79,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     config_cls, entry = getattr(module, class_name), getattr(module, function_name)
 
+    args = _spell_flags(args, getattr(config_cls, "FLAG_ALIASES", {}))
     try:
         config_path, args = _pop_option(args, "--config")
     except ValueError as err:

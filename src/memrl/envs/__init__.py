@@ -1,10 +1,17 @@
 """Environments and wrappers: any env by id (``popgym/<Name>``, a gymnasium id,
-``module:Class``), the POPGym observation convention, and vector envs.
+``module:Class``), the POPGym observation convention, vector envs, and seed 001's moving-dot
+world (``memrl.envs.moving_dot``).
 
 >>> envs = make_vector_env("popgym/RepeatPreviousEasy", num_envs=16, seed=0)
 >>> obs, info = envs.reset()          # obs (16, D) float32; see registry.py about autoreset
 """
 
+from memrl.envs.moving_dot import (
+    MovingDotConfig,
+    MovingDotDataset,
+    collate_moving_dot,
+    generate_moving_dot_sequences,
+)
 from memrl.envs.popgym import POPGYM_ENVS, FlatObservation, is_popgym_env, make_popgym_env
 from memrl.envs.registry import ID_FORMS, make_env, make_vector_env, vector_env_seeds
 
@@ -12,6 +19,10 @@ __all__ = [
     "ID_FORMS",
     "POPGYM_ENVS",
     "FlatObservation",
+    "MovingDotConfig",
+    "MovingDotDataset",
+    "collate_moving_dot",
+    "generate_moving_dot_sequences",
     "is_popgym_env",
     "make_env",
     "make_popgym_env",
