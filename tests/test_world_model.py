@@ -199,6 +199,10 @@ def test_bad_shapes_and_sizes_are_clear_errors():
         model(torch.zeros(2, 3, 1, 8, 8), torch.zeros(2, 3, 2))
     with pytest.raises(ValueError, match="actions have shape"):
         model(torch.zeros(2, 3, 1, 16, 16), torch.zeros(2, 4, 2))
+    obs, actions = torch.zeros(2, 8, 1, 16, 16), torch.zeros(2, 8, 2)
+    for model_class in (RSSM, DeterministicModel):
+        with pytest.raises(ValueError, match="K=9; expected 1 <= K <= 8 context frames"):
+            model_class(SMALL).open_loop_rollout(obs, actions, actions[:, :3], K=9)
     with pytest.raises(ValueError, match="grid_size=24; expected a power of two"):
         RSSMConfig(grid_size=24, channels=(8, 8))
     with pytest.raises(ValueError, match="needs 2"):

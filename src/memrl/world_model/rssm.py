@@ -307,12 +307,8 @@ class RSSM(nn.Module):
         (B, N, A) -> predicted frames (B, N, 1, H, W). No observation after frame K - 1 is read.
         ``sample=False`` follows the posterior's and the prior's modes (mean / likeliest class).
         """
-        K = obs_context.shape[1] if K is None else K
-        if not 1 <= K <= obs_context.shape[1]:
-            raise ValueError(f"K={K}; expected 1 <= K <= {obs_context.shape[1]} context frames")
-        obs_context, actions_context = obs_context[:, :K], actions_context[:, :K]
-        _check_sequence(obs_context, actions_context, self.config)
-        B = obs_context.shape[0]
+        obs_context, actions_context = _context(obs_context, actions_context, K, self.config)
+        B, K = obs_context.shape[:2]
         state, z = self.initial(B, obs_context.device)
         is_first = torch.zeros(K, B, dtype=torch.bool, device=obs_context.device)
         is_first[0] = True
@@ -367,9 +363,8 @@ class DeterministicModel(nn.Module):
     ) -> torch.Tensor:
         """Same contract as :meth:`RSSM.open_loop_rollout`; after K frames each prediction is
         encoded and fed back as the next input."""
-        K = obs_context.shape[1] if K is None else K
-        obs_context, actions_context = obs_context[:, :K], actions_context[:, :K]
-        B = obs_context.shape[0]
+        obs_context, actions_context = _context(obs_context, actions_context, K, self.config)
+        B, K = obs_context.shape[:2]
         state = self.core.initial_state(B, obs_context.device)
         embed = self.encoder(obs_context.flatten(0, 1)).view(B, K, -1)
         previous = torch.zeros_like(embed[:, 0])
@@ -417,6 +412,16 @@ def rssm_loss(
     )
     loss = recon + beta * kl.mean()
     return {"loss": loss, "recon": recon, "kl": dynamics.mean().detach()}
+
+
+def _context(obs: torch.Tensor, actions: torch.Tensor, K: int | None, config: RSSMConfig):
+    """The first K frames and actions of an open-loop context, checked."""
+    K = obs.shape[1] if K is None else K
+    if not 1 <= K <= obs.shape[1]:
+        raise ValueError(f"K={K}; expected 1 <= K <= {obs.shape[1]} context frames")
+    obs, actions = obs[:, :K], actions[:, :K]
+    _check_sequence(obs, actions, config)
+    return obs, actions
 
 
 def _check_sequence(obs: torch.Tensor, actions: torch.Tensor, config: RSSMConfig) -> None:

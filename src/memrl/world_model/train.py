@@ -29,7 +29,8 @@ from memrl.world_model.rssm import RSSM, DeterministicModel, RSSMConfig, rssm_lo
 
 @dataclasses.dataclass
 class RSSMTrainConfig(RunOptions):
-    """Train an RSSM world model on the moving-dot world with occlusion (seed 001)."""
+    """Train an RSSM world model on the moving-dot world with occlusion (seed 001). Flags may be
+    spelled as in the seed (--batch_size, --no_occlusion) or with hyphens."""
 
     seed: int = 42
     """Random seed (model init, data, sampling)."""
