@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval"),
     "rssm": ("memrl.world_model.train", "RSSMTrainConfig", "train_rssm"),
     "rssm-eval": ("memrl.world_model.evaluate", "RSSMEvalConfig", "run_rssm_eval"),
+    "push-collect": ("memrl.imitation.collect", "PushCollectConfig", "collect_push"),
+    "bc": ("memrl.imitation.bc", "BCConfig", "train_bc"),
+    "imitation-eval": ("memrl.imitation.evaluate", "ImitationEvalConfig", "run_imitation_eval"),
 }
 
 USAGE = """usage: memrl <command> [--config PATH] [--resume RUN_DIR] [flags]

@@ -1,0 +1,158 @@
+"""Behaviour cloning (seed 003): action codings, the weighted loss, backbones, the GRU policy's
+state, a short training run and evaluation on the push task."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memrl.cli import main
+from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy, random_shift
+from memrl.imitation.codings import (
+    cartesian_to_spherical,
+    decode_spherical,
+    spherical_to_cartesian,
+    weighted_huber,
+)
+from memrl.nn.backbones import make_backbone
+
+
+def test_spherical_round_trip_including_near_zero_magnitude():
+    g = torch.Generator().manual_seed(0)
+    actions = torch.rand(500, 3, generator=g) * 2 - 1
+    assert torch.allclose(
+        spherical_to_cartesian(cartesian_to_spherical(actions)), actions, atol=1e-5
+    )
+    tiny = torch.tensor([[0.0, 0.0, 0.0], [1e-6, -1e-6, 0.0], [0.0, 0.0, -1e-5]])
+    spherical = cartesian_to_spherical(tiny)
+    assert torch.isfinite(spherical).all() and (spherical[:, 0] == 1e-4).all()
+    assert spherical_to_cartesian(spherical).norm(dim=-1).max() <= 1e-4 + 1e-9
+    assert torch.allclose(
+        cartesian_to_spherical(torch.tensor([[0.0, 0.0, 2.0]]))[0, :2], torch.tensor([2.0, 0.0])
+    )
+    # the head's decoding covers every magnitude an action in [-1, 1]^3 can have
+    decoded = decode_spherical(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+    assert torch.allclose(decoded[0], torch.tensor([0.0, 0.0, -math.pi]))
+    assert torch.allclose(decoded[1], torch.tensor([math.sqrt(3), math.pi, math.pi]))
+
+
+def test_weighted_huber_equals_a_hand_computation():
+    prediction = torch.tensor([[0.5, 0.0, -2.0], [0.1, 0.1, 0.1]])
+    target = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.3, 0.1]])
+    expert = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])  # norms 5 and 0
+    # Huber(delta 1): 0.5 d^2 if |d| <= 1 else |d| - 0.5
+    sample0 = (0.5 * 0.25 + 0.0 + (2.0 - 0.5)) / 3 * (1 + 2 * 5)
+    sample1 = (0.5 * 0.04) / 3 * 1
+    expected = (sample0 + sample1) / 2
+    assert weighted_huber(prediction, target, expert).item() == pytest.approx(expected, rel=1e-6)
+    mask = torch.tensor([True, False])
+    assert weighted_huber(prediction, target, expert, mask=mask).item() == pytest.approx(sample0)
+    # spherical: an azimuth of pi and one of -pi are the same direction
+    wrap = weighted_huber(
+        torch.tensor([[1.0, 1.0, math.pi - 0.01]]),
+        torch.tensor([[1.0, 1.0, -math.pi + 0.01]]),
+        torch.zeros(1, 3),
+        spherical=True,
+    )
+    assert wrap.item() == pytest.approx(0.5 * 0.02**2 / 3, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "pool", "dim"),
+    [("cnn", "keypoints", 128), ("cnn", "avg", 64), ("resnet18", "-", 512), ("vit_b_16", "-", 768)],
+)
+def test_backbones_give_their_documented_feature_size(name, pool, dim):
+    backbone = make_backbone(name, pretrained=False, cnn_pool=pool if name == "cnn" else "avg")
+    images = torch.randint(0, 256, (2, 3, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        features = backbone(images)
+    assert backbone.feature_dim == dim and features.shape == (2, dim)
+    if name == "cnn":  # seed 003's listed shapes
+        x = torch.zeros(1, 3, 84, 84)
+        shapes = []
+        for layer in backbone.net:
+            x = layer(x)
+            if isinstance(layer, torch.nn.Conv2d):
+                shapes.append(tuple(x.shape[1:]))
+        assert shapes == [(32, 21, 21), (64, 11, 11), (64, 11, 11), (64, 11, 11)]
+
+
+def test_pretrained_weights_absent_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not in the local torch cache"):
+        make_backbone("resnet18", pretrained=True)
+    assert make_backbone("resnet18", pretrained=None).feature_dim == 512  # absent: random init
+
+
+def test_gru_policy_state_carries_across_steps_and_resets_between_episodes():
+    torch.manual_seed(0)
+    policy = VisuomotorBCPolicy(BCConfig(use_gru=True, use_state=True)).eval()
+    images = torch.randint(0, 256, (6, 1, 3, 84, 84), dtype=torch.uint8)
+    states = torch.randn(6, 1, 3)
+    is_first = torch.zeros(6, 1, dtype=torch.bool)
+    is_first[0] = True
+    with torch.no_grad():
+        whole, _ = policy(images, states, policy.initial_state(1), is_first)
+        state, stepped = policy.initial_state(1), []
+        for t in range(6):  # evaluation: one step at a time, the state carried
+            out, state = policy(images[t : t + 1], states[t : t + 1], state, is_first[t : t + 1])
+            stepped.append(out)
+        assert torch.allclose(torch.cat(stepped), whole, atol=1e-5)
+        # the memory matters: the same frame after a different history acts differently
+        other, _ = policy(images.flip(0), states.flip(0), policy.initial_state(1), is_first)
+        assert not torch.allclose(other[-1], whole[0])
+        # and a new episode starts from scratch whatever state is passed in
+        fresh, _ = policy(images[:1], states[:1], state, torch.ones(1, 1, dtype=torch.bool))
+        assert torch.allclose(fresh, whole[:1], atol=1e-6)
+
+
+def test_random_shift_moves_images_by_at_most_the_pad():
+    images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
+    images[:, :, 8, 8] = 255
+    shifted = random_shift(images, pad=2)
+    assert shifted.dtype == torch.uint8 and shifted.shape == images.shape
+    ys, xs = (shifted[:, 0] == 255).nonzero()[:, 1:].T
+    assert (ys - 8).abs().max() <= 2 and (xs - 8).abs().max() <= 2
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demos") / "push.hdf5"
+    args = ["push-collect", "--episodes", "12", "--workers", "2", "--output", str(path)]
+    assert main(args) == 0
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--use-gru", "--use-state", "--use-spherical"]])
+def test_short_bc_run_lowers_validation_loss_and_evaluates(demos, tmp_path, extra):
+    run = tmp_path / "bc"
+    args = ["bc", "--dataset", str(demos), "--epochs", "6", "--output-dir", str(run)]
+    assert (
+        main([*args, "--device", "cpu", "--batch-size", "32", "--val-fraction", "0.2", *extra]) == 0
+    )
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert min(r["val_loss"] for r in records[1:]) < records[0]["val_loss"]
+    assert main(["imitation-eval", str(run), "--episodes", "2", "--videos", "1"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert 0.0 <= result["success_rate"] <= 1.0 and result["episodes"] == 2
+    assert len(result["results"]) == 2 and result["results"][0]["seed"] == 1000
+    assert list((run / "videos").glob("episode_1000.gif"))
+
+
+def test_missing_dataset_and_run_are_clear_errors(tmp_path, capsys):
+    assert (
+        main(["bc", "--dataset", str(tmp_path / "none.hdf5"), "--output-dir", str(tmp_path / "r")])
+        == 2
+    )
+    assert "none.hdf5 does not exist" in capsys.readouterr().err
+    assert main(["imitation-eval", str(tmp_path)]) == 2
+    assert "holds no policy.pt" in capsys.readouterr().err
+
+
+def test_huber_matches_torch_for_small_differences():
+    a, b = torch.randn(10, 3) * 0.3, torch.randn(10, 3) * 0.3
+    assert torch.allclose(weighted_huber(a, b, torch.zeros(10, 3)), F.huber_loss(a, b), atol=1e-6)
