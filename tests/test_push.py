@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import h5py
@@ -192,8 +191,8 @@ def test_hdf5_round_trip(tmp_path):
             np.testing.assert_array_equal(back["obs"][key], original["obs"][key])
         assert back["attrs"] == original["attrs"] | {"num_samples": len(original["actions"])}
     assert loaded_attrs["expert_success_rate"] == 0.75
-    assert json.loads(loaded_attrs["env_args"]) == attrs["env_args"]
-    assert json.loads(loaded_attrs["phases"]) == attrs["phases"]
+    assert loaded_attrs["env_args"] == attrs["env_args"]
+    assert loaded_attrs["phases"] == attrs["phases"]
     np.testing.assert_array_equal(loaded_attrs["seeds"], np.arange(12))
     assert loaded_attrs["keep_failures"] is False
     assert loaded_attrs["num_demos"] == 12 and loaded_attrs["total"] == sum(range(3, 15))
@@ -273,8 +272,8 @@ def test_push_collect_end_to_end(tmp_path, capsys, episode):
     assert isinstance(attrs["expert_success_rate"], float) and attrs["expert_success_rate"] == 1.0
     assert attrs["num_demos"] == 3 and attrs["num_episodes"] == 3
     np.testing.assert_array_equal(attrs["seeds"], [0, 1, 2])
-    assert json.loads(attrs["env_args"])["env_kwargs"] == to_dict(CONFIG)
-    assert json.loads(attrs["phases"]) == list(PHASES)
+    assert attrs["env_args"]["env_kwargs"] == to_dict(CONFIG)
+    assert attrs["phases"] == list(PHASES)
     # a worker process records exactly what this process does for the same seed
     np.testing.assert_array_equal(episodes[0]["actions"], episode["actions"])
     np.testing.assert_array_equal(episodes[0]["obs"]["image"], episode["obs"]["image"])

@@ -71,13 +71,15 @@ class BCConfig(RunOptions):
     """Adam learning rate."""
     weight_decay: float = 1e-4
     """Adam weight decay."""
+    lr_patience: int = 2
+    """ReduceLROnPlateau: epochs without a 1% better validation loss before halving the lr."""
     val_fraction: float = 0.1
     """Share of demonstrations held out for validation (at least one)."""
     augment: bool = True
     """Random-shift augmentation (pad 4 pixels, random crop) of training images."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "gru_size"):
+        for name in ("epochs", "batch_size", "gru_size", "lr_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
         if not self.lr > 0 or self.weight_decay < 0:
@@ -241,7 +243,12 @@ def train_bc(cfg: BCConfig) -> dict[str, float]:
     policy.action_scale.copy_(train.actions.abs().amax(0).clamp(min=1e-3))
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.5, patience=2, threshold=0.01, threshold_mode="rel"
+        optimizer,
+        mode="min",
+        factor=0.5,
+        patience=cfg.lr_patience,
+        threshold=0.01,
+        threshold_mode="rel",
     )
     if (ckpt := run.restore()) is not None:
         policy.load_state_dict(ckpt["policy"])
