@@ -178,8 +178,7 @@ class Demos:
         T = int(self.lengths[which].max())
         steps = torch.arange(T)[:, None]  # (T, 1)
         valid = steps < self.lengths[which][None]  # (T, B)
-        index = (self.starts[which][None] + steps).clamp(max=len(self.actions) - 1)
-        index = torch.where(valid, index, self.starts[which][None])
+        index = torch.where(valid, self.starts[which][None] + steps, self.starts[which][None])
         is_first = (steps == 0).expand_as(valid)
         return self.images[index], self.states[index], self.actions[index], is_first, valid
 
@@ -256,7 +255,6 @@ def train_bc(cfg: BCConfig) -> dict[str, float]:
         scheduler.load_state_dict(ckpt["scheduler"])
     bar = run.progress(cfg.epochs, desc="bc epochs")
     figures: dict[str, float] = {}
-    samples = 0
     for epoch in range(run.start_step + 1, cfg.epochs + 1):
         policy.train()
         losses, start = [], time.perf_counter()
@@ -268,7 +266,6 @@ def train_bc(cfg: BCConfig) -> dict[str, float]:
             optimizer.step()
             losses.append(loss.item())
         seconds = time.perf_counter() - start
-        samples = len(train.actions)
         policy.eval()
         with torch.no_grad():
             val_losses = [
@@ -280,7 +277,7 @@ def train_bc(cfg: BCConfig) -> dict[str, float]:
             "train_loss": float(np.mean(losses)),
             "val_loss": val_loss,
             "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_s": samples / seconds,
+            "samples_per_s": len(train.actions) / seconds,
         }
         run.log(epoch, figures)
         bar.set_postfix(train=f"{figures['train_loss']:.4f}", val=f"{val_loss:.4f}")

@@ -34,7 +34,7 @@ import torch
 import tyro
 
 from memrl.envs.moving_dot import generate_moving_dot_sequences
-from memrl.runs import ConfigError, resolve_device
+from memrl.runs import ConfigError, load_config, resolve_device
 from memrl.runs.metrics import plt
 from memrl.world_model.train import RSSMTrainConfig, data_generator, load_world_model
 
@@ -136,11 +136,10 @@ def run_rssm_eval(cfg: RSSMEvalConfig) -> dict:
     if not (cfg.output_dir / "model.pt").is_file():
         raise ConfigError(f"{cfg.output_dir} holds no model.pt; train with `memrl rssm` first")
     device = resolve_device(cfg.device)
-    rssm, deterministic, train = load_world_model(cfg.output_dir)
+    train_cfg = load_config(RSSMTrainConfig, cfg.output_dir / "config.yaml")
+    rssm, deterministic = load_world_model(cfg.output_dir)
     rssm.to(device)
-    K, N = int(train["K"]), cfg.horizons
-    fields = {f.name for f in dataclasses.fields(RSSMTrainConfig)} - {"output_dir", "resume"}
-    train_cfg = RSSMTrainConfig(**{k: v for k, v in train.items() if k in fields}, output_dir=None)
+    K, N = train_cfg.K, cfg.horizons
     data_cfg = train_cfg.data_config(seq_len=max(train_cfg.seq_len, K + N))
     data = generate_moving_dot_sequences(
         data_cfg, cfg.sequences, data_generator(train_cfg.seed, "eval")

@@ -125,8 +125,8 @@ def data_generator(seed: int, split: str, index: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def load_world_model(output_dir: str | Path) -> tuple[RSSM, DeterministicModel | None, dict]:
-    """``output_dir/model.pt`` -> (RSSM, deterministic baseline or None, train config dict)."""
+def load_world_model(output_dir: str | Path) -> tuple[RSSM, DeterministicModel | None]:
+    """``output_dir/model.pt`` -> (RSSM, deterministic baseline or None)."""
     payload = load_checkpoint(Path(output_dir) / "model.pt")
     config = RSSMConfig(
         **{**payload["model_config"], "channels": tuple(payload["model_config"]["channels"])}
@@ -137,7 +137,7 @@ def load_world_model(output_dir: str | Path) -> tuple[RSSM, DeterministicModel |
     if payload.get("deterministic") is not None:
         deterministic = DeterministicModel(config)
         deterministic.load_state_dict(payload["deterministic"])
-    return rssm.eval(), deterministic.eval() if deterministic else None, payload["train_config"]
+    return rssm.eval(), deterministic.eval() if deterministic else None
 
 
 def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
@@ -156,7 +156,7 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
             baseline_opt.load_state_dict(ckpt["baseline_optimizer"])
     data_cfg = cfg.data_config()
     view = generate_moving_dot_sequences(
-        cfg.data_config(), 4, data_generator(cfg.seed, "viz")
+        data_cfg, 4, data_generator(cfg.seed, "viz")
     )  # fixed sequences for the plots
     view = {k: v.to(device) for k, v in view.items()}
     total = cfg.epochs * cfg.steps_per_epoch
@@ -198,14 +198,13 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
         run.dir / "model.pt",
         {
             "model_config": dataclasses.asdict(model.config),
-            "train_config": {k: v for k, v in vars(cfg).items() if not isinstance(v, Path)},
             "rssm": model.state_dict(),
             "deterministic": baseline.state_dict() if baseline else None,
         },
     )
     plot_loss_curves(run.dir / "metrics.jsonl", run.dir / "loss_curves.png")
     plot_rollout(model, view, cfg.K, run.dir / "eval_rollout.png", cfg.epochs, rows=4)
-    summary = {k: v for k, v in figures.items()} | {"steps": step, "epochs": cfg.epochs}
+    summary = figures | {"steps": step, "epochs": cfg.epochs}
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.finish()
     print(f"rssm: recon {figures.get('recon', float('nan')):.3f}; outputs in {run.dir}")
