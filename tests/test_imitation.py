@@ -11,13 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from memrl.cli import main
-from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy, random_shift
+from memrl.imitation.act import ACTConfig, ACTPolicy, sinusoidal_positions
+from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy
 from memrl.imitation.codings import (
     cartesian_to_spherical,
     decode_spherical,
     spherical_to_cartesian,
     weighted_huber,
 )
+from memrl.imitation.evaluate import ChunkController
+from memrl.imitation.trainer import Demos, random_shift
 from memrl.nn.backbones import make_backbone
 
 
@@ -156,3 +159,108 @@ def test_missing_dataset_and_run_are_clear_errors(tmp_path, capsys):
 def test_huber_matches_torch_for_small_differences():
     a, b = torch.randn(10, 3) * 0.3, torch.randn(10, 3) * 0.3
     assert torch.allclose(weighted_huber(a, b, torch.zeros(10, 3)), F.huber_loss(a, b), atol=1e-6)
+
+
+def tiny_act(**overrides) -> ACTPolicy:
+    options = dict(d_model=32, heads=2, encoder_layers=1, decoder_layers=1, feedforward=64)
+    return ACTPolicy(ACTConfig(**(options | overrides))).eval()
+
+
+def test_act_has_the_seeds_sizes_and_predicts_a_chunk():
+    policy = ACTPolicy(ACTConfig(chunk_size=7, obs_horizon=2, use_state=True))
+    assert len(policy.encoder.layers) == 4 and len(policy.decoder.layers) == 4
+    assert policy.encoder.layers[0].self_attn.num_heads == 8 and policy.queries.shape == (7, 512)
+    widths = [m.out_features for m in policy.head if isinstance(m, torch.nn.Linear)]
+    assert widths == [2048, 1024, 3]
+    images = torch.randint(0, 256, (2, 5, 3, 84, 84), dtype=torch.uint8)
+    raw = policy.eval()(images, torch.randn(2, 5, 3))
+    assert raw.shape == (7, 5, 3) and raw.abs().max() <= 1
+    with pytest.raises(ValueError, match="got 1 observations; this policy takes 2"):
+        policy(images[:1], torch.randn(1, 5, 3))
+
+
+def test_sinusoidal_positions_match_the_formula():
+    table = sinusoidal_positions(5, 8)
+    pos, i = 3, 2  # dimensions 2i and 2i + 1
+    angle = pos / 10000 ** (2 * i / 8)
+    assert table[pos, 2 * i] == pytest.approx(math.sin(angle), abs=1e-6)
+    assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_act_samples_repeat_the_first_frame_and_mask_past_the_end():
+    lengths = torch.tensor([3, 4])
+    n = int(lengths.sum())
+    demos = Demos(
+        images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2),
+        states=torch.arange(n, dtype=torch.float32)[:, None].expand(n, 3),
+        actions=torch.arange(n, dtype=torch.float32)[:, None].expand(n, 3),
+        starts=torch.tensor([0, 3]),
+        lengths=lengths,
+    )
+    images, states, actions, valid = demos.chunks(torch.tensor([1, 4]), horizon=3, chunk=4)
+    assert images[:, :, 0, 0, 0].T.tolist() == [[0, 0, 1], [3, 3, 4]]
+    assert states[:, :, 0].T.tolist() == [[0, 0, 1], [3, 3, 4]]
+    assert valid.T.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert actions[:, :, 0].T.tolist() == [[1, 2, 2, 2], [4, 5, 6, 6]]
+
+
+class CountingACT(torch.nn.Module):
+    """Wraps an ACTPolicy and records every chunk it returns."""
+
+    def __init__(self, policy: ACTPolicy) -> None:
+        super().__init__()
+        self.policy, self.chunks = policy, []
+        self.chunk_size, self.obs_horizon = policy.chunk_size, policy.obs_horizon
+
+    def forward(self, images, states):
+        raw = self.policy(images, states) + 0.01 * len(self.chunks)  # each query differs
+        self.chunks.append(self.policy.to_action(raw)[:, 0])
+        return raw
+
+    def to_action(self, raw):
+        return self.policy.to_action(raw)
+
+
+def test_act_executes_whole_chunks_and_ensembles_with_exponential_weights():
+    policy = CountingACT(tiny_act(chunk_size=4, obs_horizon=2))
+    image, proprio = torch.zeros(3, 84, 84, dtype=torch.uint8), torch.zeros(3)
+    with torch.no_grad():
+        chunked = ChunkController(policy, ensemble_m=None)
+        chunked.reset()
+        actions = [chunked(image, proprio) for _ in range(10)]
+        assert len(policy.chunks) == 3  # queries at steps 0, 4, 8
+        for t, action in enumerate(actions):
+            assert torch.equal(action, policy.chunks[t // 4][t % 4])
+        policy.chunks.clear()
+        m = 0.5
+        ensembled = ChunkController(policy, ensemble_m=m)
+        ensembled.reset()
+        actions = [ensembled(image, proprio) for _ in range(6)]
+    assert len(policy.chunks) == 6  # a query every step
+    t = 5  # predictions for step 5 come from the queries at steps 2, 3, 4, 5, oldest first
+    predictions = [policy.chunks[s][t - s] for s in (2, 3, 4, 5)]
+    weights = [math.exp(-m * i) for i in range(4)]
+    expected = sum(w * p for w, p in zip(weights, predictions, strict=True)) / sum(weights)
+    assert torch.allclose(actions[t], expected, atol=1e-6)
+    assert not torch.allclose(actions[t], predictions[-1])
+
+
+def test_act_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="d_model=100; expected a multiple of 2 \\* heads = 16"):
+        ACTConfig(d_model=100)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        ACTConfig(chunk_size=0)
+
+
+def test_short_act_run_lowers_validation_loss_and_evaluates(demos, tmp_path):
+    run = tmp_path / "act"
+    size = ["--d-model", "32", "--heads", "2", "--feedforward", "64", "--chunk-size", "5"]
+    args = ["act", "--dataset", str(demos), "--epochs", "5", "--output-dir", str(run), *size]
+    assert main([*args, "--batch-size", "32", "--val-fraction", "0.2", "--lr", "3e-4"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert min(r["val_loss"] for r in records[1:]) < records[0]["val_loss"]
+    for extra in ([], ["--temporal-ensemble"]):
+        assert main(["imitation-eval", str(run), "--episodes", "1", "--videos", "0", *extra]) == 0
+        result = json.loads((run / "eval.json").read_text())
+        assert result["episodes"] == 1 and result["temporal_ensemble"] == bool(extra)
+        assert result["results"][0]["steps"] >= 1

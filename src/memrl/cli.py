@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rssm-eval": ("memrl.world_model.evaluate", "RSSMEvalConfig", "run_rssm_eval"),
     "push-collect": ("memrl.imitation.collect", "PushCollectConfig", "collect_push"),
     "bc": ("memrl.imitation.bc", "BCConfig", "train_bc"),
+    "act": ("memrl.imitation.act", "ACTConfig", "train_act"),
     "imitation-eval": ("memrl.imitation.evaluate", "ImitationEvalConfig", "run_imitation_eval"),
 }
 

@@ -1,0 +1,280 @@
+"""What ``memrl bc`` and ``memrl act`` share: the options, the action coding and normalisation
+of a policy, demonstrations held in memory, augmentation, and the training loop.
+
+Data: the HDF5 written by ``memrl push-collect``; every image is held in memory as one uint8
+tensor, so loading never waits on disk. The last ``val_fraction`` of the demonstrations are the
+validation set. State statistics and the action scale (per-dimension maximum magnitude, so
+scaled actions fill the tanh range) come from the training demonstrations and are saved with
+the model. Adam (lr 1e-3, weight decay 1e-4), ReduceLROnPlateau on the validation loss
+(patience 2, 1% relative threshold, factor 0.5); optional random-shift augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memrl.data import read_demos
+from memrl.imitation.codings import cartesian_to_spherical, decode_spherical, spherical_to_cartesian
+from memrl.runs import ConfigError, Run, RunOptions, save_checkpoint
+
+
+@dataclasses.dataclass
+class ImitationConfig(RunOptions):
+    """Options every imitation trainer shares."""
+
+    dataset: Path = Path("data/push.hdf5")
+    """HDF5 demonstrations written by `memrl push-collect`."""
+    backbone: Literal["cnn", "resnet18", "vit_b_16"] = "cnn"
+    """Vision backbone."""
+    pretrained: bool | None = None
+    """ImageNet weights from the local torch cache: None uses them when present."""
+    cnn_pool: Literal["keypoints", "avg"] = "keypoints"
+    """cnn backbone's pooling: spatial-softmax keypoints, or the seed's global average."""
+    use_state: bool = False
+    """Also feed the gripper position (normalised)."""
+    use_spherical: bool = False
+    """Predict (magnitude, theta, phi) instead of (dx, dy, dz)."""
+    epochs: int = 20
+    """Passes over the training demonstrations."""
+    batch_size: int = 64
+    """Samples per minibatch."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 1e-4
+    """Adam weight decay."""
+    lr_patience: int = 2
+    """ReduceLROnPlateau: epochs without a 1% better validation loss before halving the lr."""
+    val_fraction: float = 0.1
+    """Share of demonstrations held out for validation (at least one)."""
+    augment: bool = True
+    """Random-shift augmentation (pad 4 pixels, random crop) of training images."""
+    bf16: bool = False
+    """Train under bfloat16 autocast (weights, optimiser and loss stay float32); pays on CPUs
+    with AMX or AVX-512 BF16 and on recent GPUs."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"lr={self.lr}, weight_decay={self.weight_decay}; expected > 0, >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction}; expected a value in (0, 1)")
+
+
+class ImitationPolicy(nn.Module):
+    """Action coding and normalisation statistics (saved with the weights) of a push policy."""
+
+    def __init__(self, use_spherical: bool) -> None:
+        super().__init__()
+        self.use_spherical = use_spherical
+        self.register_buffer("state_mean", torch.zeros(3))
+        self.register_buffer("state_std", torch.ones(3))
+        self.register_buffer("action_scale", torch.ones(3))
+
+    def fit_statistics(self, demos: Demos) -> None:
+        self.state_mean.copy_(demos.states.mean(0))
+        self.state_std.copy_(demos.states.std(0).clamp(min=1e-3))
+        self.action_scale.copy_(demos.actions.abs().amax(0).clamp(min=1e-3))
+
+    def normalise_state(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.state_mean) / self.state_std
+
+    def target(self, actions: torch.Tensor) -> torch.Tensor:
+        """Expert actions in the coding the head is trained against."""
+        if self.use_spherical:
+            return cartesian_to_spherical(actions)
+        return actions / self.action_scale
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """Head outputs -> what the loss compares with :meth:`target`."""
+        return decode_spherical(raw) if self.use_spherical else raw
+
+    def to_action(self, raw: torch.Tensor) -> torch.Tensor:
+        """Head outputs -> Cartesian env actions, clipped to [-1, 1]."""
+        if self.use_spherical:
+            return spherical_to_cartesian(decode_spherical(raw)).clamp(-1, 1)
+        return (raw * self.action_scale).clamp(-1, 1)
+
+
+@dataclasses.dataclass
+class Demos:
+    """Demonstrations as tensors: ``images`` (N, 3, H, W) uint8, ``states`` (N, 3), ``actions``
+    (N, 3), and ``starts`` / ``lengths`` of each episode in the flat arrays."""
+
+    images: torch.Tensor
+    states: torch.Tensor
+    actions: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def from_episodes(cls, episodes: list[dict]) -> Demos:
+        lengths = torch.tensor([len(ep["actions"]) for ep in episodes])
+        images = np.concatenate([ep["obs"]["image"] for ep in episodes])
+        return cls(
+            images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            states=torch.from_numpy(np.concatenate([ep["obs"]["state"] for ep in episodes])),
+            actions=torch.from_numpy(np.concatenate([ep["actions"] for ep in episodes])),
+            starts=torch.cumsum(lengths, 0) - lengths,
+            lengths=lengths,
+        )
+
+    def frames(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Single frames as length-1 sequences: (1, B, ...) each, and ``is_first`` (1, B)."""
+        first = torch.ones(1, len(index), dtype=torch.bool)
+        return self.images[index][None], self.states[index][None], self.actions[index][None], first
+
+    def episodes(self, which: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Whole episodes, padded time-major: (T, B, ...) each, ``is_first`` and ``valid``."""
+        T = int(self.lengths[which].max())
+        steps = torch.arange(T)[:, None]  # (T, 1)
+        valid = steps < self.lengths[which][None]  # (T, B)
+        index = torch.where(valid, self.starts[which][None] + steps, self.starts[which][None])
+        is_first = (steps == 0).expand_as(valid)
+        return self.images[index], self.states[index], self.actions[index], is_first, valid
+
+    def chunks(self, index: torch.Tensor, horizon: int, chunk: int) -> tuple[torch.Tensor, ...]:
+        """For frames ``index`` (B,): the ``horizon`` observations ending there, time-major
+        (horizon, B, ...) (frames before the episode's start repeat its first frame), the
+        ``chunk`` expert actions from there (chunk, B, 3) and ``valid`` (chunk, B), false past
+        the episode's end."""
+        episode = torch.searchsorted(self.starts, index, right=True) - 1  # (B,)
+        start, end = self.starts[episode], self.starts[episode] + self.lengths[episode]
+        past = index[None] + torch.arange(1 - horizon, 1)[:, None]  # (horizon, B)
+        ahead = index[None] + torch.arange(chunk)[:, None]  # (chunk, B)
+        seen = past.clamp(min=start[None])
+        valid = ahead < end[None]
+        ahead = torch.minimum(ahead, end[None] - 1)
+        return self.images[seen], self.states[seen], self.actions[ahead], valid
+
+
+def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """DrQ's augmentation: replicate-pad by ``pad`` pixels, crop back at a random offset per
+    image. ``images`` (N, 3, H, W) uint8."""
+    N, _, H, W = images.shape
+    padded = F.pad(images.float(), (pad,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (N,))
+    dy = torch.randint(0, 2 * pad + 1, (N,))
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None].expand(N, 3, H, W + 2 * pad)
+    cropped = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(W))[:, None, None, :].expand(N, 3, H, W)
+    return cropped.gather(3, cols).to(images.dtype)
+
+
+def augment_images(images: torch.Tensor) -> torch.Tensor:
+    """:func:`random_shift` on images of any leading shape (..., 3, H, W)."""
+    return random_shift(images.flatten(0, -4)).view(images.shape)
+
+
+def load_demos(cfg: ImitationConfig) -> tuple[Demos, Demos, dict]:
+    """Train and validation demonstrations, and the dataset's attributes."""
+    episodes, attrs = read_demos(cfg.dataset, required=("obs/image", "obs/state", "actions"))
+    if len(episodes) < 2:
+        raise ConfigError(
+            f"dataset {cfg.dataset} holds {len(episodes)} demonstration(s); need at least 2 "
+            "(training and validation)"
+        )
+    n_val = max(1, round(cfg.val_fraction * len(episodes)))
+    return Demos.from_episodes(episodes[:-n_val]), Demos.from_episodes(episodes[-n_val:]), attrs
+
+
+Loss = Callable[[ImitationPolicy, tuple, bool], torch.Tensor]
+Batches = Callable[[Demos, bool], Iterable[tuple]]
+
+
+def train_imitation(
+    kind: str,
+    cfg: ImitationConfig,
+    build: Callable[[], ImitationPolicy],
+    loss_fn: Loss,
+    batches: Batches,
+) -> dict[str, float]:
+    """Train ``build()``'s policy with ``loss_fn(policy, batch, augment)`` on ``batches(demos,
+    shuffle)``, validate every epoch, checkpoint; writes ``policy.pt`` and ``summary.json``."""
+    run = Run(kind, cfg)
+    device = run.device
+    train, val, attrs = load_demos(cfg)
+    policy = build()
+    policy.fit_statistics(train)
+    policy.to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=cfg.lr_patience, threshold=0.01,
+        threshold_mode="rel",
+    )  # fmt: skip
+    if (ckpt := run.restore()) is not None:
+        policy.load_state_dict(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    bar = run.progress(cfg.epochs, desc=f"{kind} epochs")
+    figures: dict[str, float] = {}
+    for epoch in range(run.start_step + 1, cfg.epochs + 1):
+        policy.train()
+        losses, start = [], time.perf_counter()
+        for batch in batches(train, True):
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                loss = loss_fn(policy, tuple(x.to(device) for x in batch), cfg.augment)
+            run.check_finite(epoch, loss=loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        seconds = time.perf_counter() - start
+        policy.eval()
+        with torch.no_grad():
+            val_losses = [
+                loss_fn(policy, tuple(x.to(device) for x in b), False).item()
+                for b in batches(val, False)
+            ]
+        val_loss = float(np.mean(val_losses))
+        scheduler.step(val_loss)
+        figures = {
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_s": len(train.actions) / seconds,
+        }
+        run.log(epoch, figures)
+        bar.set_postfix(train=f"{figures['train_loss']:.4f}", val=f"{val_loss:.4f}")
+        bar.update(1)
+        run.save(
+            epoch,
+            {
+                "policy": policy.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+        )
+    bar.close()
+    save_checkpoint(
+        run.dir / "policy.pt",
+        {
+            "kind": kind,
+            "policy": policy.state_dict(),
+            "env_kwargs": attrs["env_args"]["env_kwargs"],
+        },
+    )
+    summary = figures | {
+        "epochs": cfg.epochs,
+        "train_demos": len(train.lengths),
+        "val_demos": len(val.lengths),
+        "parameters": sum(p.numel() for p in policy.parameters()),
+    }
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.finish()
+    print(
+        f"{kind}[{cfg.backbone}]: val loss {figures.get('val_loss', float('nan')):.4f}; "
+        f"run directory {run.dir}"
+    )
+    return summary
