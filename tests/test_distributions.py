@@ -280,3 +280,14 @@ def test_to_env_actions_give_what_the_spaces_contain():
     assert out.shape == (3, 2, 2) and out.dtype == np.float32
     with pytest.raises(ValueError, match=r"expected \(B, 4\)"):
         to_env_actions(action_head(box), torch.zeros(3, 3))
+
+
+def test_unequal_heads_first_built_in_inference_mode_still_train():
+    # a rollout (inference mode) meets heads of sizes (4, 7) first; the update must backprop
+    space = spaces.MultiDiscrete([4, 7])
+    with torch.inference_mode():
+        make_distribution(action_head(space), torch.zeros(3, 11)).sample()
+    logits = torch.zeros(3, 11, requires_grad=True)
+    dist = make_distribution(action_head(space), logits)
+    dist.log_prob(torch.tensor([[1, 6], [0, 0], [3, 2]])).sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()

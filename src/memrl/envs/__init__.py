@@ -6,6 +6,8 @@ world (``memrl.envs.moving_dot``).
 >>> obs, info = envs.reset()          # obs (16, D) float32; see registry.py about autoreset
 """
 
+import gymnasium as gym
+
 from memrl.envs.moving_dot import (
     MovingDotConfig,
     MovingDotDataset,
@@ -14,6 +16,9 @@ from memrl.envs.moving_dot import (
 )
 from memrl.envs.popgym import POPGYM_ENVS, FlatObservation, is_popgym_env, make_popgym_env
 from memrl.envs.registry import ID_FORMS, make_env, make_vector_env, vector_env_seeds
+
+if "memrl/SeedLifecycle" not in gym.registry:  # seed 002's task; built lazily by gymnasium
+    gym.register("memrl/SeedLifecycle", "memrl.envs.seed_lifecycle:SeedLifecycleEnv")
 
 __all__ = [
     "ID_FORMS",

@@ -355,9 +355,11 @@ def _check_some_allowed(allowed: Tensor, sizes: tuple[int, ...]) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _padding(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Where each head's logits go in the (H * n_max) padded layout, and which slots are real."""
+    """Where each head's logits go in the (H * n_max) padded layout, and which slots are real.
+    Built outside inference mode: a cached inference tensor would break a later backward."""
     n_max = max(sizes)
-    index = torch.tensor([h * n_max + i for h, n in enumerate(sizes) for i in range(n)])
-    allowed = torch.zeros(len(sizes) * n_max, dtype=torch.bool)
-    allowed[index] = True
-    return index.to(device), allowed.to(device)
+    with torch.inference_mode(False):
+        index = torch.tensor([h * n_max + i for h, n in enumerate(sizes) for i in range(n)])
+        allowed = torch.zeros(len(sizes) * n_max, dtype=torch.bool)
+        allowed[index] = True
+        return index.to(device), allowed.to(device)
