@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bc": ("memrl.imitation.bc", "BCConfig", "train_bc"),
     "act": ("memrl.imitation.act", "ACTConfig", "train_act"),
     "imitation-eval": ("memrl.imitation.evaluate", "ImitationEvalConfig", "run_imitation_eval"),
+    "spatial": ("memrl.spatial.train", "SpatialConfig", "train_spatial"),
+    "spatial-eval": ("memrl.spatial.evaluate", "SpatialEvalConfig", "evaluate_spatial"),
 }
 
 USAGE = """usage: memrl <command> [--config PATH] [--resume RUN_DIR] [flags]

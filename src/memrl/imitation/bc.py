@@ -20,7 +20,6 @@ from torch import nn
 
 from memrl.cores import make_core
 from memrl.cores.base import State
-from memrl.imitation.codings import weighted_huber
 from memrl.imitation.trainer import (
     Demos,
     ImitationConfig,
@@ -29,6 +28,7 @@ from memrl.imitation.trainer import (
     train_imitation,
 )
 from memrl.nn.backbones import make_backbone
+from memrl.nn.losses import weighted_huber
 
 
 @dataclasses.dataclass
@@ -91,7 +91,7 @@ def bc_loss(policy: VisuomotorBCPolicy, batch: tuple, augment: bool) -> torch.Te
     raw, _ = policy(images, states, state, is_first)
     mask = valid[0] if valid else None
     return weighted_huber(
-        policy.decode(raw), policy.target(actions), actions, policy.use_spherical, mask
+        policy.decode(raw), policy.target(actions), actions, mask, policy.use_spherical
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 MIN_MAGNITUDE = 1e-4
 MAX_MAGNITUDE = math.sqrt(3.0)
@@ -45,27 +44,3 @@ def decode_spherical(raw: torch.Tensor) -> torch.Tensor:
     """A policy's tanh outputs (..., 3) in [-1, 1] -> (magnitude, theta, phi)."""
     r0, r1, r2 = raw.unbind(-1)
     return torch.stack([(r0 + 1) * MAX_MAGNITUDE / 2, (r1 + 1) * math.pi / 2, r2 * math.pi], -1)
-
-
-def weighted_huber(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    expert: torch.Tensor,
-    spherical: bool = False,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Seed 003's loss: Huber (delta 1) per component, times ``1 + 2 ||expert||`` per sample
-    (``expert`` the Cartesian action), averaged over valid samples and components.
-
-    With ``spherical`` the azimuth difference is wrapped to [-pi, pi] (phi = pi and -pi are the
-    same direction). ``mask`` (...) marks valid samples (padding in sequence batches)."""
-    diff = prediction - target
-    if spherical:
-        wrapped = torch.atan2(torch.sin(diff[..., 2]), torch.cos(diff[..., 2]))
-        diff = torch.cat([diff[..., :2], wrapped.unsqueeze(-1)], -1)
-    per_sample = F.huber_loss(diff, torch.zeros_like(diff), reduction="none").mean(-1)
-    weighted = per_sample * (1.0 + 2.0 * expert.norm(dim=-1))
-    if mask is None:
-        return weighted.mean()
-    mask = mask.to(weighted.dtype)
-    return (weighted * mask).sum() / mask.sum().clamp(min=1.0)

@@ -87,6 +87,10 @@ class ImitationPolicy(nn.Module):
         self.state_std.copy_(demos.states.std(0).clamp(min=1e-3))
         self.action_scale.copy_(demos.actions.abs().amax(0).clamp(min=1e-3))
 
+    def param_groups(self, cfg: ImitationConfig) -> list[dict]:
+        """The optimiser's parameter groups: one, at ``cfg.lr``."""
+        return [{"params": list(self.parameters()), "lr": cfg.lr}]
+
     def normalise_state(self, states: torch.Tensor) -> torch.Tensor:
         return (states - self.state_mean) / self.state_std
 
@@ -208,7 +212,7 @@ def train_imitation(
     policy = build()
     policy.fit_statistics(train)
     policy.to(device)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(policy.param_groups(cfg), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.5, patience=cfg.lr_patience, threshold=0.01,
         threshold_mode="rel",
@@ -242,7 +246,7 @@ def train_imitation(
         figures = {
             "train_loss": float(np.mean(losses)),
             "val_loss": val_loss,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizer.param_groups[-1]["lr"],
             "samples_per_s": len(train.actions) / seconds,
         }
         run.log(epoch, figures)

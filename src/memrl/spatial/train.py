@@ -1,0 +1,384 @@
+"""``memrl spatial``: train spatial memory in the three phases of seed 000.
+
+>>> memrl spatial --phase A --dataset data/push.hdf5 --epochs 5 --output-dir runs/spatial-A
+>>> memrl spatial --phase B --init-from runs/spatial-A --epochs 5 --output-dir runs/spatial-B
+>>> memrl spatial --phase C --init-from runs/spatial-B --epochs 2 --output-dir runs/spatial-C
+
+- **A** trains the memory (and its FiLM conditioning) as a dynamics model: L_dyn of the
+  predictor on whole demonstrations, the memory reset at every episode start and RecoveryTag.
+- **B** freezes memory and predictor; the memory maps of every step are computed once and the
+  policy, the segmenter, its memoryless twin (on z_t alone) and the OOD head train on them.
+- **C** fine-tunes everything but the frozen encoder end to end, at ``--finetune-lr``, on the sum
+  of the dynamics, policy and segmentation losses.
+
+Each phase starts from the previous phase's ``model.pt`` (``--init-from``), whose architecture
+and data statistics it inherits. The frozen encoder runs once per run over every image (see
+``memrl.spatial.data``). The last ``val_fraction`` of the demonstrations are held out; each
+epoch logs their dynamics loss beside the copy baseline (predict z_{t+1} = z_t), the policy
+loss and the boundary F1 with and without memory. Writes ``model.pt`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from memrl.nn.losses import huber_per_step, weighted_huber, weighted_mean
+from memrl.runs import ConfigError, Run, RunOptions, load_checkpoint, load_config, save_checkpoint
+from memrl.spatial.data import SpatialDemos, load_spatial_data
+from memrl.spatial.model import (
+    SpatialModel,
+    boundary_f1,
+    boundary_loss,
+    dynamics_loss,
+    dynamics_per_step,
+)
+
+PHASE_ORDER = {"A": ("A",), "B": ("A",), "C": ("B", "C")}  # phase -> phases it may start from
+ARCHITECTURE = (
+    "backbone",
+    "pretrained",
+    "channels",
+    "feature_size",
+    "core",
+    "hidden_channels",
+    "num_layers",
+    "s4d_grid",
+    "condition",
+    "residual",
+)
+
+
+@dataclasses.dataclass
+class SpatialConfig(RunOptions):
+    """Spatial memory (seed 000): a ConvGRU/ConvLSTM/S4D memory over frozen feature maps, a
+    forward-dynamics loss, policy and segmenter heads; phases A, B, C."""
+
+    phase: Literal["A", "B", "C"] = "A"
+    """A: memory as a dynamics model; B: memory frozen, heads trained; C: end to end."""
+    dataset: Path = Path("data/push.hdf5")
+    """HDF5 demonstrations written by `memrl push-collect`."""
+    init_from: Path | None = None
+    """Run directory of the previous phase (A for B; B or C for C); required for B and C."""
+    backbone: Literal["cnn", "resnet18"] = "cnn"
+    """Frozen vision backbone under the feature-pyramid neck."""
+    pretrained: bool | None = None
+    """ImageNet weights for resnet18 from the local torch cache: None uses them when present."""
+    channels: int = 128
+    """Channels C of the feature map P_t."""
+    feature_size: int = 14
+    """Height and width S of the feature map P_t."""
+    core: Literal["conv_gru", "conv_lstm", "s4d"] = "conv_gru"
+    """Memory core (memrl.cores); s4d runs over a pooled grid of the map."""
+    hidden_channels: int = 128
+    """Channels K of the conv memory's state h_t (s4d: the state is C x grid x grid)."""
+    num_layers: int = 1
+    """Memory layers (1 or 2)."""
+    s4d_grid: int = 4
+    """s4d: the map is average-pooled to grid x grid before flattening."""
+    condition: bool = True
+    """Gate the memory with a ConditionVector (the standardised gripper position) by FiLM."""
+    residual: bool = True
+    """Predict z_{t+1} as z_t + Predictor(h_t, a_t) (starts at the copy baseline); off: the
+    seed's Predictor(h_t, a_t) alone."""
+    dyn_loss: Literal["mse", "cosine"] = "mse"
+    """Forward-dynamics loss against StopGrad(z_{t+1})."""
+    epochs: int = 10
+    """Passes over the training demonstrations."""
+    batch_size: int = 8
+    """Whole episodes per minibatch (phases A and C)."""
+    frame_batch_size: int = 64
+    """Steps per minibatch in phase B (memory maps are precomputed, steps are independent)."""
+    lr: float = 1e-3
+    """Adam learning rate in phases A and B."""
+    finetune_lr: float = 1e-4
+    """Adam learning rate in phase C."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    val_fraction: float = 0.1
+    """Share of demonstrations held out (the last ones; at least one)."""
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "feature_size", "hidden_channels", "s4d_grid", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        for name in ("batch_size", "frame_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if self.num_layers not in (1, 2):
+            raise ValueError(f"num_layers={self.num_layers}; expected 1 or 2")
+        if not self.lr > 0 or not self.finetune_lr > 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"lr={self.lr}, finetune_lr={self.finetune_lr}, grad_clip={self.grad_clip}; "
+                "expected > 0, > 0, >= 0"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction}; expected a value in (0, 1)")
+
+
+def build_model(cfg: SpatialConfig, from_checkpoint: bool = False) -> SpatialModel:
+    """The model of ``cfg`` (ImageNet weights are not looked up when a checkpoint follows)."""
+    return SpatialModel(
+        backbone=cfg.backbone,
+        pretrained=False if from_checkpoint else cfg.pretrained,
+        channels=cfg.channels,
+        size=cfg.feature_size,
+        core=cfg.core,
+        hidden_channels=cfg.hidden_channels,
+        num_layers=cfg.num_layers,
+        condition_dim=3 if cfg.condition else 0,
+        s4d_grid=cfg.s4d_grid,
+        residual=cfg.residual,
+    )
+
+
+def resolve_init(cfg: SpatialConfig) -> tuple[SpatialConfig, dict | None]:
+    """Check the phase order and the ``--init-from`` run; returns the config with the previous
+    run's architecture and that run's ``model.pt`` payload (None for a fresh phase A)."""
+    allowed = " or ".join(PHASE_ORDER[cfg.phase])
+    if cfg.init_from is None:
+        if cfg.phase != "A":
+            raise ConfigError(
+                f"phase {cfg.phase} starts from a finished phase {allowed} run: pass "
+                "--init-from RUN_DIR (the order is A -> B -> C)"
+            )
+        return cfg, None
+    run_dir = Path(cfg.init_from)
+    if not (run_dir / "model.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"--init-from {run_dir}: no model.pt and config.yaml there; expected the run "
+            "directory of a finished `memrl spatial` phase"
+        )
+    previous = load_config(SpatialConfig, run_dir / "config.yaml")
+    if previous.phase not in PHASE_ORDER[cfg.phase]:
+        raise ConfigError(
+            f"--init-from {run_dir} is a phase {previous.phase} run; phase {cfg.phase} starts "
+            f"from phase {allowed} (the order is A -> B -> C)"
+        )
+    default, inherited = SpatialConfig(), {}
+    for name in ARCHITECTURE:
+        mine, theirs = getattr(cfg, name), getattr(previous, name)
+        if mine != theirs:
+            if mine != getattr(default, name):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {mine} differs from {theirs} of --init-from "
+                    f"{run_dir}; the architecture is inherited from it, drop the flag"
+                )
+            inherited[name] = theirs
+    return dataclasses.replace(cfg, **inherited), load_checkpoint(run_dir / "model.pt")
+
+
+def trainable_parts(model: SpatialModel, phase: str) -> list[nn.Module]:
+    """The modules a phase trains (the encoder is never trained)."""
+    heads = [model.policy, model.segmenter, model.segmenter_z, model.ood]
+    return {"A": [model.memory, model.predictor, model.ood], "B": heads}.get(
+        phase, [model.memory, model.predictor, *heads]
+    )
+
+
+def set_statistics(model: SpatialModel, train: SpatialDemos) -> None:
+    """Feature, condition and action statistics of the training data (phase A)."""
+    mean, std = train.feature_stats()
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(std)
+    if model.condition_dim:
+        model.condition_mean.copy_(train.states.mean(0))
+        model.condition_std.copy_(train.states.std(0).clamp(min=1e-3))
+    model.action_scale.copy_(train.actions.abs().amax(0).clamp(min=1e-3))
+
+
+def memory_pass(model: SpatialModel, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised features z and memory maps h of a time-major episode batch."""
+    z = model.standardize(batch["features"].to(device))  # (T, B, C, S, S)
+    condition = model.condition(batch["states"].to(device))
+    is_first = batch["is_first"].to(device)
+    h, _ = model.remember(z, condition, model.initial_state(z.shape[1], device), is_first)
+    return z, h
+
+
+def step_losses(
+    model: SpatialModel, phase: str, batch: dict, z, h, pos_weight: float, kind: str, device
+) -> dict[str, torch.Tensor]:
+    """The losses of a phase for one batch; ``z``, ``h`` (T, B, ...) or (N, ...)."""
+    trust = batch["trust"].to(device)
+    actions = batch["actions"].to(device)
+    scaled = actions / model.action_scale
+    losses = {}
+    if phase != "B":  # dynamics: steps whose next observation exists
+        weights = trust[:-1] * batch["has_next"][:-1].to(device)
+        prediction = model.predict_next(h[:-1], scaled[:-1], z[:-1])
+        losses["dyn"] = dynamics_loss(prediction, z[1:], weights, kind)
+    if phase != "A":
+        boundary = batch["boundary"].to(device)
+        losses["policy"] = weighted_huber(model.act(h, z), scaled, actions, trust)
+        losses["segment"] = boundary_loss(model.boundary_logits(h), boundary, trust, pos_weight)
+        losses["segment_z"] = boundary_loss(model.boundary_logits_z(z), boundary, trust, pos_weight)
+    if "ood" in batch:
+        losses["ood"] = boundary_loss(model.ood_logits(h), batch["ood"].to(device), trust, 1.0)
+    return losses
+
+
+@torch.no_grad()
+def cache_memory(model: SpatialModel, demos: SpatialDemos, batch_size: int, device) -> torch.Tensor:
+    """Memory maps h of every step (N, K, S, S) float16 (phase B: the memory is frozen)."""
+    n_steps = int(demos.lengths.sum())
+    cache = torch.empty(n_steps, model.memory.out_channels, model.size, model.size)
+    cache = cache.to(torch.float16)
+    for which in demos.episode_batches(batch_size, shuffle=False):
+        batch = demos.episodes(which)
+        _, h = memory_pass(model, batch, device)
+        valid = batch["valid"]
+        cache[batch["index"][valid]] = h[valid.to(device)].to("cpu", torch.float16)
+    return cache
+
+
+@torch.no_grad()
+def held_out(model: SpatialModel, demos: SpatialDemos, cfg: SpatialConfig, device) -> dict:
+    """Figures over whole held-out episodes: dynamics loss and copy baseline (trust-weighted
+    over steps with a next observation), policy loss, boundary F1 with and without memory."""
+    n_steps = int(demos.lengths.sum())
+    flat = {k: torch.zeros(n_steps) for k in ("dyn", "copy", "w_dyn", "policy", "p_h", "p_z")}
+    for which in demos.episode_batches(cfg.batch_size, shuffle=False):
+        batch = demos.episodes(which)
+        z, h = memory_pass(model, batch, device)
+        actions = batch["actions"].to(device)
+        index, valid = batch["index"], batch["valid"]
+        out = {
+            "dyn": torch.zeros(valid.shape, device=device),
+            "copy": torch.zeros(valid.shape, device=device),
+            "w_dyn": (batch["trust"] * batch["has_next"]).to(device),
+            "policy": huber_per_step(model.act(h, z), actions / model.action_scale, actions),
+            "p_h": model.boundary_logits(h).sigmoid(),
+            "p_z": model.boundary_logits_z(z).sigmoid(),
+        }
+        scaled = actions[:-1] / model.action_scale
+        prediction = model.predict_next(h[:-1], scaled, z[:-1])
+        out["dyn"][:-1] = dynamics_per_step(prediction, z[1:], cfg.dyn_loss)
+        out["copy"][:-1] = dynamics_per_step(z[:-1], z[1:], cfg.dyn_loss)
+        for key, value in out.items():
+            flat[key][index[valid]] = value[valid.to(device)].float().cpu()
+    dyn = weighted_mean(flat["dyn"], flat["w_dyn"]).item()
+    copy = weighted_mean(flat["copy"], flat["w_dyn"]).item()
+    with_memory = boundary_f1(flat["p_h"], demos.boundary, demos.lengths)
+    without = boundary_f1(flat["p_z"], demos.boundary, demos.lengths)
+    return {
+        "dyn_loss": dyn,
+        "copy_loss": copy,
+        "dyn_vs_copy": dyn / max(copy, 1e-12),
+        "policy_loss": weighted_mean(flat["policy"], demos.trust).item(),
+        "f1_memory": with_memory["f1"],
+        "f1_z_only": without["f1"],
+        "precision_memory": with_memory["precision"],
+        "recall_memory": with_memory["recall"],
+        "precision_z_only": without["precision"],
+        "recall_z_only": without["recall"],
+    }
+
+
+def _minibatches(
+    cfg: SpatialConfig, train: SpatialDemos, memory_cache: torch.Tensor | None
+) -> list[dict]:
+    if memory_cache is None:  # A and C: whole episodes
+        return [train.episodes(w) for w in train.episode_batches(cfg.batch_size, shuffle=True)]
+    batches = []
+    for index in torch.randperm(len(memory_cache)).split(cfg.frame_batch_size):
+        batch = train.frames(index)
+        batch["memory"] = memory_cache[index]
+        batches.append(batch)
+    return batches
+
+
+def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
+    """Train one phase (module docstring); writes ``model.pt`` and ``summary.json``."""
+    cfg, init = resolve_init(cfg)
+    train, val, attrs = load_spatial_data(cfg.dataset, cfg.val_fraction)
+    run = Run("spatial", cfg)
+    device = run.device
+    model = build_model(cfg, from_checkpoint=init is not None or cfg.resume is not None)
+    model.to(device)
+    if init is not None:
+        model.load_state_dict(init["model"])
+    parts = trainable_parts(model, cfg.phase)
+    model.requires_grad_(False)
+    for part in parts:
+        part.requires_grad_(True)
+    params = [p for part in parts for p in part.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.finetune_lr if cfg.phase == "C" else cfg.lr)
+    if (ckpt := run.restore()) is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    start = time.perf_counter()
+    model.eval()
+    for demos in (train, val):
+        demos.cache_features(model.encoder, device)
+    if init is None and ckpt is None:
+        set_statistics(model, train)
+    positives = float(train.boundary.sum())
+    pos_weight = min(20.0, (len(train.boundary) - positives) / max(positives, 1.0))
+    memory_cache = cache_memory(model, train, cfg.batch_size, device) if cfg.phase == "B" else None
+    print(f"spatial[{cfg.phase}]: features cached in {time.perf_counter() - start:.1f} s")
+
+    bar = run.progress(cfg.epochs, desc=f"spatial {cfg.phase} epochs")
+    figures: dict[str, float] = {}
+    for epoch in range(run.start_step + 1, cfg.epochs + 1):
+        model.train()
+        sums: dict[str, float] = {}
+        start = time.perf_counter()
+        batches = _minibatches(cfg, train, memory_cache)
+        for batch in batches:
+            if memory_cache is None:
+                z, h = memory_pass(model, batch, device)
+            else:
+                z = model.standardize(batch["features"].to(device))
+                h = batch["memory"].to(device).float()
+            losses = step_losses(model, cfg.phase, batch, z, h, pos_weight, cfg.dyn_loss, device)
+            loss = sum(losses.values())
+            if "dyn" in losses:  # the copy baseline on the same steps, for the log
+                weights = batch["trust"][:-1] * batch["has_next"][:-1]
+                losses["copy"] = dynamics_loss(z[:-1], z[1:], weights.to(device), cfg.dyn_loss)
+            run.check_finite(epoch, loss=loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+        seconds = time.perf_counter() - start
+        model.eval()
+        figures = {f"train_{k}": v / len(batches) for k, v in sums.items()}
+        figures |= {f"val_{k}": v for k, v in held_out(model, val, cfg, device).items()}
+        figures["steps_per_s"] = float(train.lengths.sum()) / seconds
+        run.log(epoch, figures)
+        bar.set_postfix(
+            dyn=f"{figures['val_dyn_vs_copy']:.3f}xcopy", f1=f"{figures['val_f1_memory']:.2f}"
+        )
+        bar.update(1)
+        run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    bar.close()
+    save_checkpoint(
+        run.dir / "model.pt",
+        {
+            "kind": "spatial",
+            "phase": cfg.phase,
+            "model": model.state_dict(),
+            "env_kwargs": attrs.get("env_args", {}).get("env_kwargs", {}),
+        },
+    )
+    summary = figures | {"phase": cfg.phase, "epochs": cfg.epochs, "train_demos": len(train)}
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.finish()
+    print(
+        f"spatial[{cfg.phase}, {cfg.core}]: held-out dynamics loss "
+        f"{figures.get('val_dyn_loss', float('nan')):.4f} vs copy "
+        f"{figures.get('val_copy_loss', float('nan')):.4f}, boundary F1 "
+        f"{figures.get('val_f1_memory', float('nan')):.3f} (z only "
+        f"{figures.get('val_f1_z_only', float('nan')):.3f}); run directory {run.dir}"
+    )
+    return summary
