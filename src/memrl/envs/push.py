@@ -50,7 +50,8 @@ import ctypes
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -118,6 +119,11 @@ class PushConfig:
                 f"contact_distance={self.contact_distance}, push_progress={self.push_progress}; "
                 "expected contact_distance >= 0 and push_progress > 0"
             )
+
+    @classmethod
+    def from_saved(cls, settings: dict[str, Any]) -> PushConfig:
+        """The config from settings saved as JSON or YAML (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
 
 
 class PushEnv(gym.Env):
@@ -259,6 +265,29 @@ class PushEnv(gym.Env):
 def make_push_env(config: PushConfig | None = None) -> PushEnv:
     """The push environment (a gymnasium env; see :class:`PushEnv`)."""
     return PushEnv(config)
+
+
+def run_episode(
+    env: PushEnv, act: Callable[[dict], np.ndarray], seed: int, record: bool = False
+) -> dict[str, Any]:
+    """One episode from ``env.reset(seed=seed)`` with ``act(observation) -> action`` at every
+    step: seed, success (``is_success`` at any step), return, steps, the seconds spent in
+    ``act`` and, with ``record``, the camera frames."""
+    obs, _ = env.reset(seed=seed)
+    frames, total, success, steps, act_seconds = [obs["image"]], 0.0, False, 0, 0.0
+    while True:
+        start = time.perf_counter()
+        action = act(obs)
+        act_seconds += time.perf_counter() - start
+        obs, reward, terminated, truncated, info = env.step(action)
+        total, steps = total + reward, steps + 1
+        success = success or bool(info["is_success"])
+        if record:
+            frames.append(obs["image"])
+        if terminated or truncated:
+            break
+    episode = {"seed": seed, "success": success, "return": total, "steps": steps}
+    return episode | {"act_seconds": act_seconds} | ({"frames": frames} if record else {})
 
 
 def _goals(panda_obs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from memrl.envs.push import PushConfig, PushEnv
+from memrl.envs.push import run_episode as run_push_episode
 from memrl.imitation.act import ACTConfig, ACTPolicy
 from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy
 from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device
@@ -131,10 +132,7 @@ def load_policy(
     cfg = load_config(config_class, run_dir / "config.yaml")
     policy = policy_class(dataclasses.replace(cfg, pretrained=False))
     policy.load_state_dict(payload["policy"])
-    env_kwargs = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in payload["env_kwargs"].items()
-    }
-    return policy.to(device).eval(), PushConfig(**env_kwargs)
+    return policy.to(device).eval(), PushConfig.from_saved(payload["env_kwargs"])
 
 
 def controller_for(
@@ -150,21 +148,13 @@ def controller_for(
 @torch.no_grad()
 def run_episode(controller, env: PushEnv, seed: int, device, record: bool = False) -> dict:
     """One greedy episode; the controller starts fresh (memory, history, plans)."""
-    obs, _ = env.reset(seed=seed)
     controller.reset()
-    frames, total, success, steps = [obs["image"]], 0.0, False, 0
-    while True:
+
+    def act(obs: dict) -> np.ndarray:
         image = torch.from_numpy(obs["image"]).permute(2, 0, 1).to(device)
-        proprio = torch.from_numpy(obs["state"]).to(device)
-        action = controller(image, proprio).cpu().numpy()
-        obs, reward, terminated, truncated, info = env.step(action)
-        total, steps = total + reward, steps + 1
-        success = success or bool(info["is_success"])
-        if record:
-            frames.append(obs["image"])
-        if terminated or truncated:
-            break
-    return {"seed": seed, "success": success, "return": total, "steps": steps, "frames": frames}
+        return controller(image, torch.from_numpy(obs["state"]).to(device)).cpu().numpy()
+
+    return run_push_episode(env, act, seed, record)
 
 
 def run_imitation_eval(cfg: ImitationEvalConfig) -> dict:

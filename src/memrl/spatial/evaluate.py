@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +24,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from memrl.envs.push import PushConfig, PushEnv
+from memrl.envs.push import PushConfig, PushEnv, run_episode
 from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device
 from memrl.spatial.data import load_spatial_data
 from memrl.spatial.model import SpatialModel
@@ -66,25 +65,19 @@ def load_spatial_model(run_dir: Path, device) -> tuple[SpatialModel, SpatialConf
 @torch.no_grad()
 def run_push_episode(model: SpatialModel, env: PushEnv, seed: int, device) -> dict:
     """One greedy episode: image -> encoder -> memory step -> policy, memory carried."""
-    obs, _ = env.reset(seed=seed)
     state = model.initial_state(1, device)
     is_first = torch.ones(1, dtype=torch.bool, device=device)
-    total, success, steps, seconds = 0.0, False, 0, 0.0
-    while True:
-        start = time.perf_counter()
+
+    def act(obs: dict) -> np.ndarray:
+        nonlocal state, is_first
         image = torch.from_numpy(obs["image"]).permute(2, 0, 1)[None].to(device)
         z = model.encode(image)  # (1, C, S, S)
         condition = model.condition(torch.from_numpy(obs["state"])[None].to(device))
         h, state = model.memory.step(z, condition, state, is_first)
-        action = model.to_action(model.act(h, z))[0].cpu().numpy()
-        seconds += time.perf_counter() - start
         is_first = torch.zeros_like(is_first)
-        obs, reward, terminated, truncated, info = env.step(action)
-        total, steps = total + reward, steps + 1
-        success = success or bool(info["is_success"])
-        if terminated or truncated:
-            break
-    return {"seed": seed, "success": success, "return": total, "steps": steps, "seconds": seconds}
+        return model.to_action(model.act(h, z))[0].cpu().numpy()
+
+    return run_episode(env, act, seed)
 
 
 def evaluate_spatial(cfg: SpatialEvalConfig) -> dict:
@@ -134,10 +127,7 @@ def evaluate_spatial(cfg: SpatialEvalConfig) -> dict:
 
 
 def _push_success(model: SpatialModel, payload: dict, cfg: SpatialEvalConfig, device) -> dict:
-    env_kwargs = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in payload["env_kwargs"].items()
-    }
-    env = PushEnv(PushConfig(**env_kwargs))
+    env = PushEnv(PushConfig.from_saved(payload["env_kwargs"]))
     results = []
     try:
         for i in tqdm(range(cfg.episodes), desc="spatial-eval", unit="ep"):
@@ -150,6 +140,6 @@ def _push_success(model: SpatialModel, payload: dict, cfg: SpatialEvalConfig, de
         "mean_return": float(np.mean([r["return"] for r in results])),
         "episodes": cfg.episodes,
         "seeds": [cfg.seed, cfg.seed + cfg.episodes - 1],
-        "frames_per_s": steps / max(sum(r["seconds"] for r in results), 1e-9),
+        "frames_per_s": steps / max(sum(r["act_seconds"] for r in results), 1e-9),
         "results": results,
     }
