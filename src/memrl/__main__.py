@@ -1,3 +1,6 @@
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from memrl.cli import main
 
-raise SystemExit(main())
+# record: under torchrun, a rank's uncaught exception is reported as the job's root cause
+raise SystemExit(record(main)())

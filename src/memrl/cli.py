@@ -86,7 +86,13 @@ def _option_value(args: Sequence[str], names: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from memrl.runs import CheckpointError, ConfigError, NonFiniteLossError, load_config
+    from memrl.runs import (
+        CheckpointError,
+        ConfigError,
+        NonFiniteLossError,
+        distributed,
+        load_config,
+    )
 
     args = list(sys.argv[1:] if argv is None else argv)
     listing = "\n".join(f"  {name}" for name in COMMANDS)
@@ -131,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(err))
     try:
         entry(config)
+        distributed.shutdown()  # under torchrun: wait for every rank, then leave the group
     except (ConfigError, CheckpointError) as err:
         return _fail(str(err))
     except NonFiniteLossError as err:

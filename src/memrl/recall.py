@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from memrl.cores import detach_state, make_core
-from memrl.runs import Run, RunOptions
+from memrl.runs import Run, RunOptions, distributed
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ class RecallStream:
 
     def __init__(self, cfg: RecallConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed + distributed.rank())
         self.first_symbol = torch.zeros(cfg.batch_size, dtype=torch.long)
         self.started = False
 
@@ -128,7 +128,10 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         stream.load_state_dict(ckpt["stream"])
+        if run.rank:  # rank 0's stream was saved; the others draw fresh data
+            stream.generator.manual_seed(cfg.seed + run.rank + 7919 * run.start_step)
         state = tuple(s.to(device) for s in ckpt["core_state"])
+    distributed.broadcast_parameters(model)
 
     def checkpoint(step: int) -> None:
         run.save(
@@ -151,6 +154,7 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
         run.check_finite(step, loss=loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(model.parameters())
         optimizer.step()
         if step % cfg.log_interval == 0 or step == cfg.steps:
             with torch.no_grad():
@@ -160,16 +164,18 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
                     "accuracy": correct.float().mean().item(),
                     "accuracy_after_first": correct[~is_first].float().mean().item(),
                 }
-            run.log(step, figures)
+            figures = run.log(step, figures)
             bar.set_postfix(loss=f"{figures['loss']:.3f}", acc=f"{figures['accuracy']:.3f}")
         if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
             checkpoint(step)
         bar.update(1)
     bar.close()
     summary = {**figures, "chance_accuracy": 1.0 / cfg.num_symbols, "steps": cfg.steps}
+    run.finish()
+    if not run.is_main:
+        return summary
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_file(model.state_dict(), run.dir / "model.safetensors")
-    run.finish()
     print(
         f"recall[{cfg.core}]: accuracy {summary.get('accuracy', float('nan')):.3f} "
         f"(chance {summary['chance_accuracy']:.3f}); run directory {run.dir}"

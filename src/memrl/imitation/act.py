@@ -30,6 +30,7 @@ from memrl.imitation.trainer import (
 )
 from memrl.nn.backbones import make_backbone
 from memrl.nn.losses import weighted_huber
+from memrl.runs import distributed
 
 
 @dataclasses.dataclass
@@ -161,13 +162,13 @@ def act_loss(policy: ACTPolicy, batch: tuple, augment: bool) -> torch.Tensor:
     )
 
 
-def act_batches(cfg: ACTConfig, demos: Demos, shuffle: bool) -> list[tuple]:
-    """Minibatches of (observation history, action chunk) samples, one per frame."""
-    n = len(demos.actions)
-    order = torch.randperm(n) if shuffle else torch.arange(n)
+def act_batches(cfg: ACTConfig, demos: Demos, epoch: int | None) -> list[tuple]:
+    """This process's minibatches of (observation history, action chunk) samples, one per
+    frame, for training ``epoch`` (shuffled by seed and epoch) or validation (None)."""
+    order = distributed.shard_indices(len(demos.actions), epoch, cfg.seed)
     return [
         demos.chunks(order[i : i + cfg.batch_size], cfg.obs_horizon, cfg.chunk_size)
-        for i in range(0, n, cfg.batch_size)
+        for i in range(0, len(order), cfg.batch_size)
     ]
 
 
@@ -178,5 +179,5 @@ def train_act(cfg: ACTConfig) -> dict[str, float]:
         cfg,
         lambda: ACTPolicy(cfg),
         act_loss,
-        lambda demos, shuffle: act_batches(cfg, demos, shuffle),
+        lambda demos, epoch: act_batches(cfg, demos, epoch),
     )

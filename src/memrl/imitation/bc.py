@@ -29,6 +29,7 @@ from memrl.imitation.trainer import (
 )
 from memrl.nn.backbones import make_backbone
 from memrl.nn.losses import weighted_huber
+from memrl.runs import distributed
 
 
 @dataclasses.dataclass
@@ -95,13 +96,14 @@ def bc_loss(policy: VisuomotorBCPolicy, batch: tuple, augment: bool) -> torch.Te
     )
 
 
-def bc_batches(cfg: BCConfig, demos: Demos, shuffle: bool) -> list[tuple]:
-    """Minibatches of frames, or with a GRU of whole episodes (about batch_size frames)."""
+def bc_batches(cfg: BCConfig, demos: Demos, epoch: int | None) -> list[tuple]:
+    """This process's minibatches of frames, or with a GRU of whole episodes (about batch_size
+    frames), for training ``epoch`` (shuffled by seed and epoch) or validation (None)."""
     if cfg.use_gru:
         per_batch = max(1, round(cfg.batch_size / float(demos.lengths.float().mean())))
-        order = torch.randperm(len(demos.lengths)) if shuffle else torch.arange(len(demos.lengths))
+        order = distributed.shard_indices(len(demos.lengths), epoch, cfg.seed)
         return [demos.episodes(order[i : i + per_batch]) for i in range(0, len(order), per_batch)]
-    order = torch.randperm(len(demos.actions)) if shuffle else torch.arange(len(demos.actions))
+    order = distributed.shard_indices(len(demos.actions), epoch, cfg.seed)
     return [
         demos.frames(order[i : i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)
     ]
@@ -114,5 +116,5 @@ def train_bc(cfg: BCConfig) -> dict[str, float]:
         cfg,
         lambda: VisuomotorBCPolicy(cfg),
         bc_loss,
-        lambda demos, shuffle: bc_batches(cfg, demos, shuffle),
+        lambda demos, epoch: bc_batches(cfg, demos, epoch),
     )

@@ -25,7 +25,7 @@ from torch import nn
 
 from memrl.data import read_demos
 from memrl.imitation.codings import cartesian_to_spherical, decode_spherical, spherical_to_cartesian
-from memrl.runs import ConfigError, Run, RunOptions, save_checkpoint
+from memrl.runs import ConfigError, Run, RunOptions, distributed, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -194,7 +194,7 @@ def load_demos(cfg: ImitationConfig) -> tuple[Demos, Demos, dict]:
 
 
 Loss = Callable[[ImitationPolicy, tuple, bool], torch.Tensor]
-Batches = Callable[[Demos, bool], Iterable[tuple]]
+Batches = Callable[[Demos, "int | None"], Iterable[tuple]]
 
 
 def train_imitation(
@@ -205,7 +205,8 @@ def train_imitation(
     batches: Batches,
 ) -> dict[str, float]:
     """Train ``build()``'s policy with ``loss_fn(policy, batch, augment)`` on ``batches(demos,
-    shuffle)``, validate every epoch, checkpoint; writes ``policy.pt`` and ``summary.json``."""
+    epoch)`` (``epoch`` None for validation), validate every epoch, checkpoint; writes
+    ``policy.pt`` and ``summary.json``. Under torchrun ``batch_size`` is per process."""
     run = Run(kind, cfg)
     device = run.device
     train, val, attrs = load_demos(cfg)
@@ -221,35 +222,40 @@ def train_imitation(
         policy.load_state_dict(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+    distributed.broadcast_parameters(policy)
     bar = run.progress(cfg.epochs, desc=f"{kind} epochs")
     figures: dict[str, float] = {}
     for epoch in range(run.start_step + 1, cfg.epochs + 1):
         policy.train()
         losses, start = [], time.perf_counter()
-        for batch in batches(train, True):
+        for batch in batches(train, epoch):
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
                 loss = loss_fn(policy, tuple(x.to(device) for x in batch), cfg.augment)
             run.check_finite(epoch, loss=loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(policy.parameters())
             optimizer.step()
             losses.append(loss.item())
         seconds = time.perf_counter() - start
         policy.eval()
+        val_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss x batch size, samples)
         with torch.no_grad():
-            val_losses = [
-                loss_fn(policy, tuple(x.to(device) for x in b), False).item()
-                for b in batches(val, False)
-            ]
-        val_loss = float(np.mean(val_losses))
+            for b in batches(val, None):
+                loss = loss_fn(policy, tuple(x.to(device) for x in b), False).item()
+                val_sum += torch.tensor([loss * b[2].shape[1], b[2].shape[1]])
+        val_sum = distributed.all_sum(val_sum)
+        val_loss = float(val_sum[0] / val_sum[1])
         scheduler.step(val_loss)
-        figures = {
-            "train_loss": float(np.mean(losses)),
-            "val_loss": val_loss,
-            "lr": optimizer.param_groups[-1]["lr"],
-            "samples_per_s": len(train.actions) / seconds,
-        }
-        run.log(epoch, figures)
+        figures = run.log(
+            epoch,
+            {
+                "train_loss": float(np.mean(losses)),
+                "val_loss": val_loss,
+                "lr": optimizer.param_groups[-1]["lr"],
+                "samples_per_s": len(train.actions) / seconds,
+            },
+        )
         bar.set_postfix(train=f"{figures['train_loss']:.4f}", val=f"{val_loss:.4f}")
         bar.update(1)
         run.save(
@@ -261,6 +267,16 @@ def train_imitation(
             },
         )
     bar.close()
+    summary = figures | {
+        "epochs": cfg.epochs,
+        "train_demos": len(train.lengths),
+        "val_demos": len(val.lengths),
+        "parameters": sum(p.numel() for p in policy.parameters()),
+        "processes": run.world_size,
+    }
+    run.finish()
+    if not run.is_main:
+        return summary
     save_checkpoint(
         run.dir / "policy.pt",
         {
@@ -269,14 +285,7 @@ def train_imitation(
             "env_kwargs": attrs["env_args"]["env_kwargs"],
         },
     )
-    summary = figures | {
-        "epochs": cfg.epochs,
-        "train_demos": len(train.lengths),
-        "val_demos": len(val.lengths),
-        "parameters": sum(p.numel() for p in policy.parameters()),
-    }
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    run.finish()
     print(
         f"{kind}[{cfg.backbone}]: val loss {figures.get('val_loss', float('nan')):.4f}; "
         f"run directory {run.dir}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from memrl.runs import distributed
+
 
 class RunningMeanStd:
     """Mean and variance of a stream of batches (Chan et al. parallel update), float64."""
@@ -24,6 +26,34 @@ class RunningMeanStd:
         self.mean = self.mean + delta * n / total
         m2 = self.var * self.count + var * n + delta.square() * self.count * n / total
         self.var, self.count = m2 / total, total
+
+    def merge_ranks(self, before: dict) -> None:
+        """Under torchrun: every rank started from the same statistics ``before`` (a
+        :meth:`state_dict`) and added its own batches; combine all ranks' batches exactly
+        (sums of x and x² over ranks, the shared start counted once)."""
+        if distributed.world_size() == 1:
+            return
+        extra = distributed.world_size() - 1
+        c0, m0, v0 = before["count"], before["mean"], before["var"]
+        mine = torch.cat(
+            [
+                torch.tensor([self.count], dtype=torch.float64),
+                self.mean.flatten() * self.count,
+                (self.var + self.mean.square()).flatten() * self.count,
+            ]
+        )
+        start = torch.cat(
+            [
+                torch.tensor([c0], dtype=torch.float64),
+                m0.flatten() * c0,
+                (v0 + m0.square()).flatten() * c0,
+            ]
+        )
+        total = distributed.all_sum(mine) - extra * start
+        count, (sums, squares) = float(total[0]), total[1:].view(2, *self.mean.shape).unbind()
+        self.mean = sums / count
+        self.var = (squares / count - self.mean.square()).clamp(min=0.0)
+        self.count = count
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}

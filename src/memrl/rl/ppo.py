@@ -33,7 +33,7 @@ from memrl.rl.distributions import (
 from memrl.rl.evaluate import EpisodeTracker, evaluate
 from memrl.rl.normalize import ObsNormalizer, RewardScaler
 from memrl.rl.policy import RecurrentActorCritic
-from memrl.runs import ConfigError, Run, RunOptions
+from memrl.runs import ConfigError, Run, RunOptions, distributed
 
 
 @dataclasses.dataclass
@@ -226,6 +226,7 @@ class PPOAgent:
                 loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(params)
                 grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
                 self.optimizer.step()
                 with torch.no_grad():
@@ -241,8 +242,12 @@ class PPOAgent:
                 ):
                     sums[key] = sums.get(key, 0.0) + value
                 count += 1
-            if cfg.target_kl is not None and approx_kl > cfg.target_kl:
-                break
+            if cfg.target_kl is not None:  # every rank stops at the same epoch
+                approx_kl = float(distributed.all_sum(torch.tensor(approx_kl))) / (
+                    distributed.world_size()
+                )
+                if approx_kl > cfg.target_kl:
+                    break
         return {k: v / max(count, 1) for k, v in sums.items()}
 
 
@@ -311,17 +316,18 @@ def collect_rollout(agent: PPOAgent, envs, buffer: RolloutBuffer, carry: Carry) 
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, float]:
-    """Train; writes the run directory and summary.json; returns the summary."""
+    """Train; writes the run directory and summary.json; returns the summary. Under torchrun
+    each process runs its own ``num_envs`` envs; ``total_steps`` counts all processes' steps."""
     run = Run("ppo", cfg)
     device = run.device
-    N, T = cfg.num_envs, cfg.rollout_steps
+    N, T, ranks = cfg.num_envs, cfg.rollout_steps, run.world_size
     try:
         envs = make_vector_env(cfg.env, N, cfg.seed, cfg.vector, autoreset_mode="same_step")
         agent = PPOAgent(cfg, envs.single_observation_space, envs.single_action_space, device)
     except ValueError as err:  # unknown env id, unsupported space: the user's input
         raise ConfigError(f"--env {cfg.env}: {err}") from None
-    num_updates = max(1, cfg.total_steps // (N * T))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    num_updates = max(1, cfg.total_steps // (N * T * ranks))
+    generator = torch.Generator().manual_seed(cfg.seed + run.rank)
     reward_scaler = RewardScaler(N, cfg.gamma, cfg.norm_reward)
     update, mmer, wall = 0, -float("inf"), 0.0
     if (ckpt := run.restore()) is not None:
@@ -329,8 +335,13 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
         reward_scaler.load_state_dict(ckpt["reward_scaler"])
         generator.set_state(ckpt["generator"])
         update, mmer, wall = ckpt["update"], ckpt["mmer"], ckpt["wall_seconds"]
-    # envs cannot be checkpointed: on resume they restart, with fresh seeds, and memory with them
-    obs, info = envs.reset(seed=vector_env_seeds(cfg.seed + update, N))
+        if run.rank:  # rank 0's generator was saved
+            generator.manual_seed(cfg.seed + run.rank + 7919 * update)
+    distributed.broadcast_parameters(agent.policy)
+    # envs cannot be checkpointed: on resume they restart, with fresh seeds, and memory with them;
+    # rank r's envs are envs r*N .. (r+1)*N-1 of one process with N*ranks envs
+    seeds = vector_env_seeds(cfg.seed + update, N * ranks)[run.rank * N : (run.rank + 1) * N]
+    obs, info = envs.reset(seed=seeds)
     carry = Carry(
         obs,
         info,
@@ -351,26 +362,31 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
         device,
         burn_in=cfg.burn_in,
     )
-    bar = run.progress(num_updates * N * T)
+    bar = run.progress(num_updates * N * T * ranks)
     start = time.perf_counter() - wall
     while update < num_updates:
         update += 1
         if cfg.anneal_lr:
             for group in agent.optimizer.param_groups:
                 group["lr"] = cfg.lr * (1.0 - (update - 1) / num_updates)
+        stats_before = [agent.obs_norm.stats.state_dict(), reward_scaler.stats.state_dict()]
         last_value = collect_rollout(agent, envs, buffer, carry)
+        agent.obs_norm.stats.merge_ranks(stats_before[0])
+        reward_scaler.stats.merge_ranks(stats_before[1])
         buffer.compute_gae(last_value, cfg.gamma, cfg.gae_lambda)
         agent.policy.train()
         figures = agent.update(buffer, generator)
-        run.check_finite(update * N * T, loss=figures["loss/policy"] + figures["loss/value"])
-        step, wall = update * N * T, time.perf_counter() - start
+        step, wall = update * N * T * ranks, time.perf_counter() - start
+        run.check_finite(step, loss=figures["loss/policy"] + figures["loss/value"])
         figures.update(sps=step / wall, lr=agent.optimizer.param_groups[0]["lr"])
         if carry.returns:
             figures["episode_return"] = float(np.mean(carry.returns))
+        figures = distributed.mean_over_ranks(figures)
+        if "episode_return" in figures:
             mmer = max(mmer, figures["episode_return"])
             figures["mmer"] = mmer
         run.log(step, figures)
-        bar.update(N * T)
+        bar.update(N * T * ranks)
         bar.set_postfix(
             ret=f"{figures.get('episode_return', float('nan')):.2f}", sps=f"{figures['sps']:.0f}"
         )
@@ -388,18 +404,21 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
             )
     bar.close()
     envs.close()
-    eval_return = evaluate(agent, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000)
     summary = {
         "env": cfg.env,
         "core": cfg.core,
-        "total_steps": num_updates * N * T,
+        "total_steps": num_updates * N * T * ranks,
         "wall_seconds": wall,
-        "sps": num_updates * N * T / wall,
-        "final_eval_return": eval_return,
+        "sps": num_updates * N * T * ranks / wall,
+        "processes": ranks,
         "mmer": mmer,
     }
-    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.finish()
+    if not run.is_main:
+        return summary
+    eval_return = evaluate(agent, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000)
+    summary["final_eval_return"] = eval_return
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"ppo[{cfg.core}] {cfg.env}: final eval return {eval_return:.3f}, mmer {mmer:.3f}, "
         f"{summary['sps']:.0f} steps/s; run directory {run.dir}"

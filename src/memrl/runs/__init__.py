@@ -1,5 +1,7 @@
-"""What every trainer shares: run directory, config save/load, metrics, progress, checkpoints."""
+"""What every trainer shares: run directory, config save/load, metrics, progress, checkpoints,
+and data-parallel training under torchrun (``distributed``)."""
 
+from memrl.runs import distributed
 from memrl.runs.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -28,5 +30,6 @@ __all__ = [
     "save_checkpoint",
     "save_config",
     "seed_everything",
+    "distributed",
     "set_rng_state",
 ]

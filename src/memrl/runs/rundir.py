@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from memrl.runs import distributed
 from memrl.runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from memrl.runs.config import ConfigError, RunOptions, save_config
 from memrl.runs.metrics import MetricsLogger, plot_metrics
@@ -36,30 +37,47 @@ class Run:
     def __init__(self, command: str, config: RunOptions) -> None:
         self.command = command
         self.config = config
-        if config.resume is not None:
-            self.dir = Path(config.resume)
-            if not self.last_checkpoint_path.is_file():
-                raise ConfigError(
-                    f"--resume {self.dir}: no checkpoint at {self.last_checkpoint_path}"
-                )
-        else:
-            self.dir = Path(config.output_dir or _fresh_run_dir(command))
-            if self.last_checkpoint_path.exists():
-                raise ConfigError(
-                    f"{self.dir} already holds a run; pass --resume {self.dir} to continue it "
-                    "or choose another --output-dir"
-                )
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.plot_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.dir / "config.yaml")
-        self.device = resolve_device(config.device)
+        # Under torchrun: join the process group; rank 0 owns the directory (runs.distributed).
+        self.device = distributed.init(resolve_device(config.device))
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.dir, error = distributed.broadcast_object(self._open_dir() if self.is_main else None)
+        if error:
+            raise ConfigError(error)
         # Denormal floats (tiny gradients, Adam's second moments late in training) run up to
         # 50x slower on x86 CPUs; measured: a PPO update went from 0.14 s to 10 s. Flush them.
         torch.set_flush_denormal(True)
-        seed_everything(config.seed, config.deterministic)
-        self._checkpoint = load_checkpoint(self.last_checkpoint_path) if config.resume else None
+        seed_everything(config.seed + self.rank, config.deterministic)
+        self._checkpoint = None
+        if config.resume:
+            self._checkpoint = distributed.broadcast_object(
+                load_checkpoint(self.last_checkpoint_path) if self.is_main else None
+            )
         self.start_step = int(self._checkpoint["step"]) if self._checkpoint else 0
-        self.metrics = MetricsLogger(self.dir, self.start_step if self._checkpoint else None)
+        self.metrics = (
+            MetricsLogger(self.dir, self.start_step if self._checkpoint else None)
+            if self.is_main
+            else None
+        )
+
+    def _open_dir(self) -> tuple[Path, str | None]:
+        """Rank 0: choose, check and create the run directory; (directory, error or None)."""
+        config = self.config
+        if config.resume is not None:
+            path = Path(config.resume)
+            if not (path / "checkpoints" / "last.pt").is_file():
+                return path, f"--resume {path}: no checkpoint at {path / 'checkpoints' / 'last.pt'}"
+        else:
+            path = Path(config.output_dir or _fresh_run_dir(self.command))
+            if (path / "checkpoints" / "last.pt").exists():
+                return path, (
+                    f"{path} already holds a run; pass --resume {path} to continue it "
+                    "or choose another --output-dir"
+                )
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (path / "plots").mkdir(parents=True, exist_ok=True)
+        save_config(config, path / "config.yaml")
+        return path, None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -74,23 +92,39 @@ class Run:
         return self.checkpoint_dir / "last.pt"
 
     def restore(self) -> dict[str, Any] | None:
-        """The last checkpoint's payload when resuming (global RNG states already restored),
-        else None."""
+        """The last checkpoint's payload when resuming (global RNG states already restored:
+        each rank's own when the world size is unchanged), else None."""
         if self._checkpoint is None:
             return None
-        set_rng_state(self._checkpoint["rng"])
+        states = self._checkpoint.get("rng_ranks") or [self._checkpoint["rng"]]
+        if len(states) == self.world_size:
+            set_rng_state(states[self.rank])
+        else:  # resumed with another number of processes: fresh, distinct streams
+            seed_everything(self.config.seed + self.rank + 7919 * self.start_step)
         return self._checkpoint
 
     def save(self, step: int, payload: dict[str, Any], keep: bool = False) -> Path:
-        """Atomically write ``checkpoints/last.pt`` (and ``step_<step>.pt`` if ``keep``)."""
-        payload = {**payload, "step": int(step), "rng": rng_state(), "command": self.command}
-        path = save_checkpoint(self.last_checkpoint_path, payload)
+        """Atomically write ``checkpoints/last.pt`` (and ``step_<step>.pt`` if ``keep``); every
+        rank calls it, rank 0 writes (with every rank's RNG state)."""
+        states = distributed.gather_objects(rng_state())
+        path = self.last_checkpoint_path
+        if not self.is_main:
+            return path
+        payload = {**payload, "step": int(step), "rng": states[0], "command": self.command}
+        if len(states) > 1:
+            payload["rng_ranks"] = states
+        save_checkpoint(path, payload)
         if keep:
             save_checkpoint(self.checkpoint_dir / f"step_{step:09d}.pt", payload)
         return path
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.metrics.log(step, metrics)
+    def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Average ``metrics`` over ranks, write them (rank 0) and return the averages; every
+        rank calls it at the same steps."""
+        metrics = distributed.mean_over_ranks(metrics)
+        if self.metrics is not None:
+            self.metrics.log(step, metrics)
+        return metrics
 
     def check_finite(self, step: int, **losses: torch.Tensor | float) -> None:
         """Stop with a clear message on a NaN/inf loss, before anything is saved."""
@@ -111,10 +145,13 @@ class Run:
             desc=desc or self.command,
             dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 10.0,
+            disable=not self.is_main,
         )
 
     def finish(self) -> None:
-        """Close the logs and draw ``plots/metrics.png``."""
+        """Close the logs and draw ``plots/metrics.png`` (rank 0)."""
+        if self.metrics is None:
+            return
         self.metrics.close()
         plot_metrics(self.dir / "metrics.jsonl", self.plot_dir / "metrics.png")
 

@@ -124,12 +124,13 @@ class SpatialDemos:
             batch["ood"] = self.ood[index]
         return batch
 
-    def episode_batches(self, batch_size: int, shuffle: bool) -> list[torch.Tensor]:
-        """Episode indices per minibatch; shuffled ones are grouped by length (less padding)."""
-        n = len(self)
-        if not shuffle:
-            return list(torch.arange(n).split(batch_size))
-        order = torch.randperm(n)
+    def episode_batches(
+        self, batch_size: int, order: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Episode indices per minibatch: all episodes in order, or the (shuffled) episodes
+        ``order`` grouped by length (less padding), the groups in random order."""
+        if order is None:
+            return list(torch.arange(len(self)).split(batch_size))
         groups = []
         for chunk in order.split(4 * batch_size):
             chunk = chunk[torch.argsort(self.lengths[chunk])]

@@ -30,7 +30,15 @@ import torch
 from torch import nn
 
 from memrl.nn.losses import huber_per_step, weighted_huber, weighted_mean
-from memrl.runs import ConfigError, Run, RunOptions, load_checkpoint, load_config, save_checkpoint
+from memrl.runs import (
+    ConfigError,
+    Run,
+    RunOptions,
+    distributed,
+    load_checkpoint,
+    load_config,
+    save_checkpoint,
+)
 from memrl.spatial.data import SpatialDemos, load_spatial_data
 from memrl.spatial.model import (
     SpatialModel,
@@ -230,7 +238,7 @@ def cache_memory(model: SpatialModel, demos: SpatialDemos, batch_size: int, devi
     n_steps = int(demos.lengths.sum())
     cache = torch.empty(n_steps, model.memory.out_channels, model.size, model.size)
     cache = cache.to(torch.float16)
-    for which in demos.episode_batches(batch_size, shuffle=False):
+    for which in demos.episode_batches(batch_size):
         batch = demos.episodes(which)
         _, h = memory_pass(model, batch, device)
         valid = batch["valid"]
@@ -244,7 +252,7 @@ def held_out(model: SpatialModel, demos: SpatialDemos, cfg: SpatialConfig, devic
     over steps with a next observation), policy loss, boundary F1 with and without memory."""
     n_steps = int(demos.lengths.sum())
     flat = {k: torch.zeros(n_steps) for k in ("dyn", "copy", "w_dyn", "policy", "p_h", "p_z")}
-    for which in demos.episode_batches(cfg.batch_size, shuffle=False):
+    for which in demos.episode_batches(cfg.batch_size):
         batch = demos.episodes(which)
         z, h = memory_pass(model, batch, device)
         actions = batch["actions"].to(device)
@@ -282,12 +290,15 @@ def held_out(model: SpatialModel, demos: SpatialDemos, cfg: SpatialConfig, devic
 
 
 def _minibatches(
-    cfg: SpatialConfig, train: SpatialDemos, memory_cache: torch.Tensor | None
+    cfg: SpatialConfig, train: SpatialDemos, memory_cache: torch.Tensor | None, epoch: int
 ) -> list[dict]:
+    """This process's minibatches for ``epoch`` (its share under torchrun)."""
     if memory_cache is None:  # A and C: whole episodes
-        return [train.episodes(w) for w in train.episode_batches(cfg.batch_size, shuffle=True)]
+        order = distributed.shard_indices(len(train), epoch, cfg.seed)
+        return [train.episodes(w) for w in train.episode_batches(cfg.batch_size, order)]
     batches = []
-    for index in torch.randperm(len(memory_cache)).split(cfg.frame_batch_size):
+    order = distributed.shard_indices(len(memory_cache), epoch, cfg.seed)
+    for index in order.split(cfg.frame_batch_size):
         batch = train.frames(index)
         batch["memory"] = memory_cache[index]
         batches.append(batch)
@@ -313,6 +324,7 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     if (ckpt := run.restore()) is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+    distributed.broadcast_parameters(model)
     start = time.perf_counter()
     model.eval()
     for demos in (train, val):
@@ -322,7 +334,8 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     positives = float(train.boundary.sum())
     pos_weight = min(20.0, (len(train.boundary) - positives) / max(positives, 1.0))
     memory_cache = cache_memory(model, train, cfg.batch_size, device) if cfg.phase == "B" else None
-    print(f"spatial[{cfg.phase}]: features cached in {time.perf_counter() - start:.1f} s")
+    if run.is_main:
+        print(f"spatial[{cfg.phase}]: features cached in {time.perf_counter() - start:.1f} s")
 
     bar = run.progress(cfg.epochs, desc=f"spatial {cfg.phase} epochs")
     figures: dict[str, float] = {}
@@ -330,7 +343,7 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
         model.train()
         sums: dict[str, float] = {}
         start = time.perf_counter()
-        batches = _minibatches(cfg, train, memory_cache)
+        batches = _minibatches(cfg, train, memory_cache, epoch)
         for batch in batches:
             if memory_cache is None:
                 z, h = memory_pass(model, batch, device)
@@ -345,6 +358,7 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
             run.check_finite(epoch, loss=loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params)
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -355,13 +369,17 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
         figures = {f"train_{k}": v / len(batches) for k, v in sums.items()}
         figures |= {f"val_{k}": v for k, v in held_out(model, val, cfg, device).items()}
         figures["steps_per_s"] = float(train.lengths.sum()) / seconds
-        run.log(epoch, figures)
+        figures = run.log(epoch, figures)
         bar.set_postfix(
             dyn=f"{figures['val_dyn_vs_copy']:.3f}xcopy", f1=f"{figures['val_f1_memory']:.2f}"
         )
         bar.update(1)
         run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     bar.close()
+    summary = figures | {"phase": cfg.phase, "epochs": cfg.epochs, "train_demos": len(train)}
+    run.finish()
+    if not run.is_main:
+        return summary
     save_checkpoint(
         run.dir / "model.pt",
         {
@@ -371,9 +389,7 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
             "env_kwargs": attrs.get("env_args", {}).get("env_kwargs", {}),
         },
     )
-    summary = figures | {"phase": cfg.phase, "epochs": cfg.epochs, "train_demos": len(train)}
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    run.finish()
     print(
         f"spatial[{cfg.phase}, {cfg.core}]: held-out dynamics loss "
         f"{figures.get('val_dyn_loss', float('nan')):.4f} vs copy "

@@ -22,7 +22,14 @@ from typing import Literal
 import torch
 
 from memrl.envs.moving_dot import MovingDotConfig, generate_moving_dot_sequences
-from memrl.runs import Run, RunOptions, load_checkpoint, read_metrics, save_checkpoint
+from memrl.runs import (
+    Run,
+    RunOptions,
+    distributed,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+)
 from memrl.runs.metrics import plt
 from memrl.world_model.rssm import RSSM, DeterministicModel, RSSMConfig, rssm_loss
 
@@ -119,7 +126,7 @@ class RSSMTrainConfig(RunOptions):
         )
 
 
-def data_generator(seed: int, split: str, index: int = 0) -> torch.Generator:
+def data_generator(seed: int, split: str, index: int | str = 0) -> torch.Generator:
     """A generator for one slice of data: training epoch ``index``, or a held-out split."""
     digest = hashlib.sha256(f"moving-dot/{seed}/{split}/{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
@@ -154,6 +161,7 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
         if baseline:
             baseline.load_state_dict(ckpt["deterministic"])
             baseline_opt.load_state_dict(ckpt["baseline_optimizer"])
+    distributed.broadcast_parameters(model, *([baseline] if baseline else []))
     data_cfg = cfg.data_config()
     view = generate_moving_dot_sequences(
         data_cfg, 4, data_generator(cfg.seed, "viz")
@@ -164,8 +172,10 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
     step = run.start_step
     figures: dict[str, float] = {}
     for epoch in range(step // cfg.steps_per_epoch + 1, cfg.epochs + 1):
+        # under torchrun each process draws its own batch_size sequences per step
+        index = epoch if run.rank == 0 else f"{epoch}/rank{run.rank}"
         data = generate_moving_dot_sequences(
-            data_cfg, cfg.batch_size * cfg.steps_per_epoch, data_generator(cfg.seed, "train", epoch)
+            data_cfg, cfg.batch_size * cfg.steps_per_epoch, data_generator(cfg.seed, "train", index)
         )
         for i in range(cfg.steps_per_epoch):
             batch = {
@@ -178,10 +188,10 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
                 figures |= _baseline_step(cfg, baseline, baseline_opt, batch)
             run.check_finite(step, **figures)
             if step % cfg.log_interval == 0 or step == total:
-                run.log(step, figures | {"epoch": epoch})
+                figures = run.log(step, figures | {"epoch": epoch})
                 bar.set_postfix(recon=f"{figures['recon']:.2f}", kl=f"{figures['kl']:.2f}")
             bar.update(1)
-        if epoch % cfg.viz_interval == 0 or epoch == cfg.epochs:
+        if run.is_main and (epoch % cfg.viz_interval == 0 or epoch == cfg.epochs):
             plot_reconstruction(model, view, run.dir / f"recon_epoch{epoch}.png", epoch)
             plot_rollout(model, view, cfg.K, run.dir / f"rollout_epoch{epoch}.png", epoch)
         run.save(
@@ -194,6 +204,10 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
             },
         )
     bar.close()
+    summary = figures | {"steps": step, "epochs": cfg.epochs}
+    run.finish()
+    if not run.is_main:
+        return summary
     save_checkpoint(
         run.dir / "model.pt",
         {
@@ -204,9 +218,7 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
     )
     plot_loss_curves(run.dir / "metrics.jsonl", run.dir / "loss_curves.png")
     plot_rollout(model, view, cfg.K, run.dir / "eval_rollout.png", cfg.epochs, rows=4)
-    summary = figures | {"steps": step, "epochs": cfg.epochs}
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    run.finish()
     print(f"rssm: recon {figures.get('recon', float('nan')):.3f}; outputs in {run.dir}")
     return summary
 
@@ -216,6 +228,7 @@ def _train_step(cfg: RSSMTrainConfig, model: RSSM, optimizer, batch) -> dict[str
     losses = rssm_loss(model, batch["obs"], out, cfg.beta, cfg.kl_balance, cfg.free_bits)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
+    distributed.average_gradients(model.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": float(grad_norm)}
@@ -226,6 +239,7 @@ def _baseline_step(cfg: RSSMTrainConfig, model: DeterministicModel, optimizer, b
     loss = (recon - batch["obs"]).square().sum((-3, -2, -1)).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.average_gradients(model.parameters())
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     return {"deterministic_recon": float(loss.detach())}
