@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from memrl.cli import main
 from memrl.rl.normalize import RunningMeanStd
 from memrl.runs import load_checkpoint, read_metrics
 
@@ -66,11 +65,8 @@ def test_a_rank_that_raises_ends_the_job_quickly_with_its_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demos") / "push.hdf5"
-    args = ["push-collect", "--episodes", "6", "--workers", "1", "--output", str(path)]
-    assert main(args) == 0
-    return path
+def demos(push_demos):
+    return push_demos(6)
 
 
 def test_bc_under_torchrun_writes_one_run_and_resumes(demos, tmp_path):

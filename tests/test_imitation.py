@@ -123,11 +123,8 @@ def test_random_shift_moves_images_by_at_most_the_pad():
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demos") / "push.hdf5"
-    args = ["push-collect", "--episodes", "12", "--workers", "2", "--output", str(path)]
-    assert main(args) == 0
-    return path
+def demos(push_demos):
+    return push_demos(12)
 
 
 @pytest.mark.parametrize("extra", [[], ["--use-gru", "--use-state", "--use-spherical"]])

@@ -215,10 +215,8 @@ def test_boundary_labels_and_f1_within_one_step():
 
 # -- phases via the CLI ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spatial") / "push.hdf5"
-    assert main(["push-collect", "--episodes", "5", "--workers", "1", "--output", str(path)]) == 0
-    return path
+def demos(push_demos):
+    return push_demos(5)
 
 
 def spatial(demos, run, phase, *extra):
