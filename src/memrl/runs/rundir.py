@@ -145,7 +145,7 @@ class Run:
             desc=desc or self.command,
             dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 10.0,
-            disable=not self.is_main,
+            **({} if self.is_main else {"disable": True}),  # a passed value beats TQDM_DISABLE
         )
 
     def finish(self) -> None:
