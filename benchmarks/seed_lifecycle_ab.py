@@ -9,7 +9,8 @@ the episode reward when the policy's memory is reset every K steps (memrl.rl.eva
 reset_every; a policy that uses its memory loses reward at small K, --core none cannot). A
 "wait (no seeds)" row is the host trained alone, for scale.
 
-python benchmarks/seed_lifecycle_ab.py --cores none lstm gru --seeds 0 1 2 --total-steps 50000
+python benchmarks/seed_lifecycle_ab.py   # the README's table: 3 seeds x 6,000 steps (~75 min)
+python benchmarks/seed_lifecycle_ab.py --total-steps 50000   # a longer budget (~10 h on 1 thread)
 python benchmarks/seed_lifecycle_ab.py --total-steps 200 --seeds 0 --episodes 2   # smoke test
 """
 
@@ -98,12 +99,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cores", nargs="+", default=["none", "lstm", "gru"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--total-steps", type=int, default=50_000)
+    parser.add_argument("--total-steps", type=int, default=6_000)
     parser.add_argument("--num-envs", type=int, default=8)
     parser.add_argument("--vector", choices=["sync", "async"], default="sync")
     parser.add_argument("--episodes", type=int, default=16, help="evaluation episodes")
     parser.add_argument("--reset-every", type=int, nargs="*", default=[1, 5])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks_seed_lifecycle_ab.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
