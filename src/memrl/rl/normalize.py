@@ -34,21 +34,8 @@ class RunningMeanStd:
         if distributed.world_size() == 1:
             return
         extra = distributed.world_size() - 1
-        c0, m0, v0 = before["count"], before["mean"], before["var"]
-        mine = torch.cat(
-            [
-                torch.tensor([self.count], dtype=torch.float64),
-                self.mean.flatten() * self.count,
-                (self.var + self.mean.square()).flatten() * self.count,
-            ]
-        )
-        start = torch.cat(
-            [
-                torch.tensor([c0], dtype=torch.float64),
-                m0.flatten() * c0,
-                (v0 + m0.square()).flatten() * c0,
-            ]
-        )
+        mine = _sums(self.count, self.mean, self.var)
+        start = _sums(before["count"], before["mean"], before["var"])
         total = distributed.all_sum(mine) - extra * start
         count, (sums, squares) = float(total[0]), total[1:].view(2, *self.mean.shape).unbind()
         self.mean = sums / count
@@ -60,6 +47,14 @@ class RunningMeanStd:
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def _sums(count: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(count, sum of x, sum of x²) of statistics, flat."""
+    second = (var + mean.square()) * count
+    return torch.cat(
+        [torch.tensor([count], dtype=torch.float64), mean.flatten() * count, second.flatten()]
+    )
 
 
 class ObsNormalizer:

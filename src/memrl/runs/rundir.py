@@ -41,7 +41,9 @@ class Run:
         self.device = distributed.init(resolve_device(config.device))
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        self.dir, error = distributed.broadcast_object(self._open_dir() if self.is_main else None)
+        self.dir: Path | None = None
+        error = self._open_dir() if self.is_main else None
+        self.dir, error = distributed.broadcast_object((self.dir, error))
         if error:
             raise ConfigError(error)
         # Denormal floats (tiny gradients, Adam's second moments late in training) run up to
@@ -60,24 +62,24 @@ class Run:
             else None
         )
 
-    def _open_dir(self) -> tuple[Path, str | None]:
-        """Rank 0: choose, check and create the run directory; (directory, error or None)."""
+    def _open_dir(self) -> str | None:
+        """Rank 0: choose, check and create the run directory (``self.dir``); an error or None."""
         config = self.config
         if config.resume is not None:
-            path = Path(config.resume)
-            if not (path / "checkpoints" / "last.pt").is_file():
-                return path, f"--resume {path}: no checkpoint at {path / 'checkpoints' / 'last.pt'}"
+            self.dir = Path(config.resume)
+            if not self.last_checkpoint_path.is_file():
+                return f"--resume {self.dir}: no checkpoint at {self.last_checkpoint_path}"
         else:
-            path = Path(config.output_dir or _fresh_run_dir(self.command))
-            if (path / "checkpoints" / "last.pt").exists():
-                return path, (
-                    f"{path} already holds a run; pass --resume {path} to continue it "
+            self.dir = Path(config.output_dir or _fresh_run_dir(self.command))
+            if self.last_checkpoint_path.exists():
+                return (
+                    f"{self.dir} already holds a run; pass --resume {self.dir} to continue it "
                     "or choose another --output-dir"
                 )
-        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (path / "plots").mkdir(parents=True, exist_ok=True)
-        save_config(config, path / "config.yaml")
-        return path, None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.plot_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.dir / "config.yaml")
+        return None
 
     @property
     def checkpoint_dir(self) -> Path:
