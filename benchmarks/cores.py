@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from memrl.cores import _fused_rnn, make_core
+from memrl.cores import make_core
 
 
 def time_ms(fn: Callable[[], object]) -> float:
@@ -70,16 +70,6 @@ def rnn_cases(
 
     cases[f"memrl {kind} (resets)"] = memrl
     if alternatives:
-
-        def memrl_torch_mm() -> None:
-            use_onednn = _fused_rnn._use_onednn
-            _fused_rnn._use_onednn = lambda t: False
-            try:
-                memrl()
-            finally:
-                _fused_rnn._use_onednn = use_onednn
-
-        cases[f"memrl {kind}, matmuls by torch.mm (MKL) instead of oneDNN"] = memrl_torch_mm
         cases[f"memrl {kind} packed segments (CUDA path, on CPU)"] = lambda: (
             core._unroll_cudnn(x, state, is_first)[0].sum().backward()
         )
