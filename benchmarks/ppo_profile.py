@@ -1,43 +1,99 @@
-"""Where the time of ``memrl ppo`` goes, and the machine's ceiling for this setting.
+"""Where the time of ``memrl ppo`` goes, and the machine's ceilings for this setting.
 
     python benchmarks/ppo_profile.py [--env popgym/RepeatPreviousEasy] [--total-steps 65536]
         [--core lstm] [--separate-critic] [--threads 2]
 
 Runs ``train_ppo`` with the issue's benchmark settings (16 envs x 128 steps, hidden 128, 4
-epochs, minibatches of 512 steps) under cProfile and splits the wall time of the training loop
-into: stepping the vector env (gymnasium + the env itself), the policy's forward passes in the
-rollout (inference mode), the PPO update (forward, backward, Adam), and the rest (buffer, GAE,
-logging, checkpoints). Then it steps the same vector env with random actions alone: steps/s of
-an infinitely fast learner, the ceiling any PPO implementation has here.
+epochs, minibatches of 512 steps) with wall-clock timers around its parts (no profiler: cProfile
+inflated the Python-heavy env step 2x here): stepping the vector env (gymnasium + the env), the
+policy's forward passes in the rollout, the rest of the rollout (sampling, buffer writes, tensor
+conversion), the PPO update (forward, backward, Adam) and the rest (GAE, logging, checkpoints).
+One more update runs under ``torch.profiler`` to split the update into matrix products
+(``aten::mm``/``addmm``/``bmm``, with their achieved GFLOP/s) and everything else, next to this
+machine's matmul peak (one 2048 x 2048 product) at the same thread count. Last, the same vector
+env stepped with random actions alone: steps/s of an infinitely fast learner.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
+import contextlib
 import os
-import pstats
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from gymnasium.vector import SyncVectorEnv  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+import memrl.rl.ppo as ppo  # noqa: E402
 from memrl.envs import make_vector_env, vector_env_seeds  # noqa: E402
-from memrl.rl.ppo import PPOConfig, train_ppo  # noqa: E402
+from memrl.rl.policy import RecurrentActorCritic  # noqa: E402
 
-# (label, file suffix, function name): the cumulative time of these calls
-PARTS = (
-    ("vector env step", "gymnasium/vector/sync_vector_env.py", "step"),
-    ("policy in the rollout", "memrl/rl/policy.py", "step"),
-    ("PPO update", "memrl/rl/ppo.py", "update"),
-)
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
-def profile_training(args, out: Path) -> tuple[float, dict[str, float], float]:
-    cfg = PPOConfig(
+@contextlib.contextmanager
+def timers(seconds: dict[str, float]):
+    """Add the wall time of each patched call to ``seconds[label]`` (nested calls count in both
+    their own label and the caller's)."""
+    patches = (
+        ("vector env step", SyncVectorEnv, "step"),
+        ("policy in the rollout", RecurrentActorCritic, "step"),
+        ("rollout", ppo, "collect_rollout"),
+        ("PPO update", ppo.PPOAgent, "update"),
+    )
+    originals = [(owner, name, getattr(owner, name)) for _, owner, name in patches]
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+
+        return wrapper
+
+    for label, owner, name in patches:
+        setattr(owner, name, timed(label, getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
+def update_matmuls(agent: ppo.PPOAgent, buffer, generator) -> tuple[float, float, float]:
+    """One more PPO update under torch.profiler: (update seconds, seconds in matrix products,
+    their GFLOP)."""
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        start = time.perf_counter()
+        agent.update(buffer, generator)
+        total = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.key in MATMULS]
+    seconds = sum(e.self_cpu_time_total for e in events) / 1e6
+    return total, seconds, sum(e.flops for e in events) / 1e9
+
+
+def matmul_peak() -> float:
+    """GFLOP/s of one 2048 x 2048 float32 product (median of 5)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / sorted(times)[2] / 1e9
+
+
+def profile_training(args, out: Path) -> tuple[dict, dict[str, float], tuple[float, float, float]]:
+    cfg = ppo.PPOConfig(
         env=args.env,
         core=args.core,
         num_envs=16,
@@ -51,18 +107,24 @@ def profile_training(args, out: Path) -> tuple[float, dict[str, float], float]:
         device="cpu",
         output_dir=out,
     )
-    profiler = cProfile.Profile()
-    profiler.enable()
-    summary = train_ppo(cfg)
-    profiler.disable()
-    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
-    parts = {}
-    for label, suffix, name in PARTS:
-        parts[label] = sum(
-            ct for (file, _, fn), (_, _, _, ct, _) in stats.items()
-            if file.endswith(suffix) and fn == name
-        )  # fmt: skip
-    return summary["wall_seconds"], parts, summary["sps"]
+    seconds: dict[str, float] = defaultdict(float)
+    last: dict = {}
+    update = ppo.PPOAgent.update
+
+    def keep_last(agent, buffer, generator):  # what the profiled extra update needs
+        last.update(agent=agent, buffer=buffer, state=generator.get_state())
+        return update(agent, buffer, generator)
+
+    ppo.PPOAgent.update = keep_last
+    try:
+        with timers(seconds):
+            summary = ppo.train_ppo(cfg)
+    finally:
+        ppo.PPOAgent.update = update
+    generator = torch.Generator()
+    generator.set_state(last["state"])
+    matmuls = update_matmuls(last["agent"], last["buffer"], generator)
+    return summary, seconds, matmuls
 
 
 def env_ceiling(env_id: str, steps: int) -> float:
@@ -89,26 +151,39 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()[0]:.2f}; torch threads {args.threads}")
     with tempfile.TemporaryDirectory() as tmp:
-        # the profiler's own overhead inflates Python-heavy parts: report shares and the plain sps
-        wall, parts, _ = profile_training(args, Path(tmp) / "profiled")
-        plain = train_ppo(
-            PPOConfig(
-                env=args.env, core=args.core, total_steps=args.total_steps, hidden_size=128,
-                separate_critic=args.separate_critic, minibatch_steps=512, device="cpu",
-                output_dir=Path(tmp) / "plain",
-            )
-        )  # fmt: skip
+        summary, seconds, (update_s, matmul_s, gflop) = profile_training(args, Path(tmp) / "run")
+    wall = summary["wall_seconds"]
     ceiling = env_ceiling(args.env, args.total_steps)
+    peak = matmul_peak()
     layout = "separate actor and critic" if args.separate_critic else "shared memory"
-    print(f"\nmemrl ppo --core {args.core} ({layout}), {args.env}, {args.total_steps:,} steps\n")
-    print("| part | share of the training loop |")
-    print("|---|---:|")
-    for label, seconds in parts.items():
-        print(f"| {label} | {seconds / wall:.0%} |")
-    print(f"| rest (buffer, GAE, logging, checkpoints) | {1 - sum(parts.values()) / wall:.0%} |")
-    print(f"\nmemrl ppo without the profiler: {plain['sps']:,.0f} steps/s")
+    rollout_rest = (
+        seconds["rollout"] - seconds["vector env step"] - seconds["policy in the rollout"]
+    )
+    rows = [
+        ("PPO update (forward, backward, Adam)", seconds["PPO update"]),
+        ("vector env step (gymnasium + the env)", seconds["vector env step"]),
+        ("policy forward passes in the rollout", seconds["policy in the rollout"]),
+        ("rest of the rollout (sampling, buffer writes, conversions)", rollout_rest),
+        ("rest (GAE, logging, checkpoints)", wall - seconds["rollout"] - seconds["PPO update"]),
+    ]
+    per_update = summary["total_steps"] / (16 * 128)
+    print(
+        f"\nmemrl ppo --core {args.core} ({layout}), {args.env}, {summary['total_steps']:,} steps,"
+    )
+    print(f"{summary['sps']:,.0f} steps/s\n")
+    print("| part of the training loop | share | ms per 2,048 steps |")
+    print("|---|---:|---:|")
+    for label, part in rows:
+        print(f"| {label} | {part / wall:.0%} | {part / per_update * 1e3:.0f} |")
+    print(
+        f"\nOne PPO update under torch.profiler: {update_s * 1e3:.0f} ms, of which matrix products "
+        f"{matmul_s * 1e3:.0f} ms ({matmul_s / update_s:.0%}) doing {gflop:.1f} GFLOP at "
+        f"{gflop / matmul_s:.0f} GFLOP/s; this machine's matmul peak (2048 x 2048): {peak:.0f} "
+        f"GFLOP/s. All of the update's matrix products at peak would take {gflop / peak * 1e3:.0f} "
+        f"ms."
+    )
     print(f"the vector env alone, random actions: {ceiling:,.0f} steps/s (the ceiling)")
-    print(f"memrl reaches {plain['sps'] / ceiling:.0%} of the ceiling")
+    print(f"memrl reaches {summary['sps'] / ceiling:.0%} of the ceiling")
 
 
 if __name__ == "__main__":
