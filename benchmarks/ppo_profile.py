@@ -39,28 +39,33 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 @contextlib.contextmanager
 def timers(seconds: dict[str, float]):
-    """Add the wall time of each patched call to ``seconds[label]`` (nested calls count in both
-    their own label and the caller's)."""
+    """Add the wall time of each patched call to ``seconds[label]``; the env step and the
+    policy's forward pass count only inside ``collect_rollout`` (not in the final evaluation)."""
+    inside = {"rollout": False}
     patches = (
-        ("vector env step", SyncVectorEnv, "step"),
-        ("policy in the rollout", RecurrentActorCritic, "step"),
-        ("rollout", ppo, "collect_rollout"),
-        ("PPO update", ppo.PPOAgent, "update"),
+        ("vector env step", SyncVectorEnv, "step", True),
+        ("policy in the rollout", RecurrentActorCritic, "step", True),
+        ("rollout", ppo, "collect_rollout", False),
+        ("PPO update", ppo.PPOAgent, "update", False),
     )
-    originals = [(owner, name, getattr(owner, name)) for _, owner, name in patches]
+    originals = [(owner, name, getattr(owner, name)) for _, owner, name, _ in patches]
 
-    def timed(label, fn):
+    def timed(label, fn, rollout_only):
         def wrapper(*args, **kwargs):
+            if rollout_only and not inside["rollout"]:
+                return fn(*args, **kwargs)
+            inside["rollout"] |= label == "rollout"
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 seconds[label] += time.perf_counter() - start
+                inside["rollout"] &= label != "rollout"
 
         return wrapper
 
-    for label, owner, name in patches:
-        setattr(owner, name, timed(label, getattr(owner, name)))
+    for label, owner, name, rollout_only in patches:
+        setattr(owner, name, timed(label, getattr(owner, name), rollout_only))
     try:
         yield
     finally:
