@@ -36,8 +36,9 @@ net_arch pi=[64, 64], vf=[64, 64]) with only the LSTM size and layout set.
 
 Differences that remain: sb3 trains on whole-rollout sequences split at episode starts (its
 BPTT runs up to 128 steps, zero-padded; the LSTM falls back to a per-step loop whenever a
-sequence in the minibatch starts an episode), memrl on fixed 16-step sequences from stored states
-(``--memrl-bptt-len``); in sb3's shared layout the value loss does not reach the LSTM or the
+sequence in the minibatch starts an episode), memrl by default on fixed 16-step sequences from
+stored states (``--memrl-bptt-len``; ``--memrl-split-episodes`` restarts them at episode starts
+too, as sb3 does); in sb3's shared layout the value loss does not reach the LSTM or the
 encoder (``latent_pi.detach()``), in memrl's it does; PyTorch's default LSTM init in sb3,
 memrl's own in memrl. Run it on a quiet machine: on 2 cores, another busy job slowed both
 frameworks by 50-150x in one trial; each row records the load average before it.
@@ -193,6 +194,7 @@ def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) 
         hidden_size=HIDDEN,
         separate_critic=layout == "default",
         bptt_len=args.memrl_bptt_len,
+        split_episodes=args.memrl_split_episodes,
         epochs=EPOCHS,
         minibatch_steps=MINIBATCH,
         lr=args.lr,
@@ -306,6 +308,12 @@ def main() -> None:
         default=16,
         help="memrl's truncated-BPTT length (sb3 has no such setting)",
     )
+    parser.add_argument(
+        "--memrl-split-episodes",
+        action="store_true",
+        help="memrl's --split-episodes: sequences also restart at episode starts (sb3's "
+        "sequences); with --memrl-bptt-len >= the episode length, one sequence per episode",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
         "--out",
@@ -333,7 +341,8 @@ def main() -> None:
         f"memrl ppo vs sb3-contrib RecurrentPPO: {steps:,} steps per run, {NUM_ENVS} envs x "
         f"{ROLLOUT_STEPS} steps, LSTM {HIDDEN}, {EPOCHS} epochs, minibatch {MINIBATCH}, "
         f"lr {args.lr:g}{' annealed' if args.anneal_lr else ''}, CPU, "
-        f"{torch.get_num_threads()} torch threads, sb3 policy {args.sb3_policy}, "
+        f"{torch.get_num_threads()} torch threads, sb3 policy {args.sb3_policy}, memrl "
+        f"bptt {args.memrl_bptt_len}{' split at episodes' if args.memrl_split_episodes else ''}, "
         f"{len(plan)} runs; load average {load[0]:.2f} (the machine should be quiet)",
         flush=True,
     )

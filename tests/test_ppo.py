@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -51,7 +53,7 @@ class RepeatTwoBack(gym.Env):
 ENV = f"{__name__}:RepeatTwoBack"
 
 
-def _rollout(core: str, steps: int = 32, burn_in: int = 0):
+def _rollout(core: str, steps: int = 32, burn_in: int = 0, split_episodes: bool = False):
     cfg = PPOConfig(
         env=ENV,
         core=core,
@@ -66,7 +68,9 @@ def _rollout(core: str, steps: int = 32, burn_in: int = 0):
     agent = PPOAgent(
         cfg, envs.single_observation_space, envs.single_action_space, torch.device("cpu")
     )
-    obs, info = envs.reset(seed=[1, 2, 3, 4])
+    envs.reset(seed=[1, 2, 3, 4])
+    # one step first: episodes (8 steps) then cross the 8-step windows instead of matching them
+    obs, _, _, _, info = envs.step(np.array([0, 0, 1, 1]))
     initial = agent.policy.initial_state(cfg.num_envs)
     carry = Carry(
         obs,
@@ -77,7 +81,16 @@ def _rollout(core: str, steps: int = 32, burn_in: int = 0):
         RewardScaler(cfg.num_envs, 0.99, False),
     )
     buffer = RolloutBuffer(
-        steps, cfg.num_envs, 2, (1,), torch.long, None, 8, torch.device("cpu"), burn_in=burn_in
+        steps,
+        cfg.num_envs,
+        2,
+        (1,),
+        torch.long,
+        None,
+        8,
+        torch.device("cpu"),
+        burn_in=burn_in,
+        split_episodes=split_episodes,
     )
     collect_rollout(agent, envs, buffer, carry)
     return agent, buffer, initial
@@ -89,39 +102,88 @@ def test_stored_state_is_the_state_the_policy_had(core):
     assert buffer.is_first[1:].any(), "the rollout should cross episode starts"
     state = initial
     with torch.no_grad():
-        for k in range(buffer.T // buffer.L):
-            for stored, replayed in zip(buffer.states[k], state, strict=True):
+        for t in range(buffer.T):
+            for stored, replayed in zip(
+                buffer.state_at(torch.tensor([t] * 4), torch.arange(4)), state, strict=True
+            ):
                 torch.testing.assert_close(stored, replayed, rtol=0, atol=1e-6)
-            window = slice(k * buffer.L, (k + 1) * buffer.L)
-            _, _, state = agent.policy(buffer.obs[window], state, buffer.is_first[window])
-    assert len(buffer.states[0]) == (2 if core == "lstm" else 1)  # (h, c) for the LSTM
+            _, _, state = agent.policy(buffer.obs[t : t + 1], state, buffer.is_first[t : t + 1])
+    assert len(buffer.states) == (2 if core == "lstm" else 1)  # (h, c) for the LSTM
 
 
-@pytest.mark.parametrize(("core", "burn_in"), [("gru", 0), ("lstm", 0), ("lstm", 3), ("gru", 8)])
-def test_training_sees_what_acting_saw(core, burn_in):
+@pytest.mark.parametrize(
+    ("core", "burn_in", "split"),
+    [("gru", 0, False), ("lstm", 0, False), ("lstm", 3, False), ("gru", 8, False),
+     ("lstm", 0, True), ("gru", 3, True)],
+)  # fmt: skip
+def test_training_sees_what_acting_saw(core, burn_in, split):
     """Minibatches of sequences started from stored states (or burned in from the states B
-    steps earlier, R2D2) reproduce the rollout's log-probs and values exactly: no state leaks
-    across an episode start inside a sequence."""
-    agent, buffer, _ = _rollout(core, burn_in=burn_in)
+    steps earlier, R2D2) reproduce the rollout's log-probs and values exactly at every real
+    step: no state leaks across an episode start inside a sequence; every step is trained once."""
+    agent, buffer, _ = _rollout(core, burn_in=burn_in, split_episodes=split)
     buffer.compute_gae(torch.zeros(buffer.N), 0.99, 0.95)
-    seen = 0
+    seen, sequences = 0, 0
     with torch.no_grad():
-        for mb in buffer.minibatches(3, torch.Generator().manual_seed(0)):
+        for mb in buffer.minibatches(24, torch.Generator().manual_seed(0)):
             assert (mb.burn_in is None) == (burn_in == 0)
+            if not split:
+                assert mb.valid is None
             start = agent.sequence_start_state(mb)
             params, values, _ = agent.policy(mb.obs, start, mb.is_first)
             log_probs = agent.distribution(params, mb.masks).log_prob(mb.actions)
-            torch.testing.assert_close(log_probs, mb.log_probs, rtol=0, atol=1e-5)
-            torch.testing.assert_close(values, mb.values, rtol=0, atol=1e-5)
-            seen += mb.obs.shape[1]
-    assert seen == buffer.N * buffer.T // buffer.L
+            torch.testing.assert_close(mb.real(log_probs), mb.real(mb.log_probs), rtol=0, atol=1e-5)
+            torch.testing.assert_close(mb.real(values), mb.real(mb.values), rtol=0, atol=1e-5)
+            seen += mb.real(mb.values).numel()
+            sequences += mb.obs.shape[1]
+    assert seen == buffer.N * buffer.T
+    windows = buffer.N * buffer.T // buffer.L
+    assert sequences == len(buffer.plan().t) and (sequences > windows if split else windows)
+
+
+def test_split_episode_sequences_start_at_episode_starts_and_never_hold_two_episodes():
+    _, buffer, _ = _rollout("gru", split_episodes=True)
+    plan = buffer.plan()
+    assert (plan.length >= 1).all() and (plan.length <= buffer.L).all()
+    assert int(plan.length.sum()) == buffer.N * buffer.T  # every step in exactly one sequence
+    for t, env, length in zip(
+        plan.t.tolist(), plan.env.tolist(), plan.length.tolist(), strict=True
+    ):
+        inside = buffer.is_first[t + 1 : t + length, env]
+        assert not inside.any(), f"sequence at t={t}, env {env} holds an episode start"
+    starts = {(t, env) for t, env in zip(plan.t.tolist(), plan.env.tolist(), strict=True)}
+    for t, env in buffer.is_first.nonzero().tolist():
+        assert (t, env) in starts, f"episode start at t={t}, env {env} does not start a sequence"
+
+
+def test_padded_steps_change_nothing_in_the_update():
+    """With split episodes the loss and its gradient are those of the real steps alone: the
+    same minibatch with other values in its padding gives the same gradient."""
+    agent, buffer, _ = _rollout("lstm", split_episodes=True)
+    buffer.compute_gae(torch.zeros(buffer.N), 0.99, 0.95)
+    agent.cfg.epochs = 1
+    weights = copy.deepcopy(agent.policy.state_dict())
+    grads = []
+    for garbage in (0.0, 1e3):
+        mb = next(buffer.minibatches(10_000, torch.Generator().manual_seed(0)))  # all sequences
+        assert mb.valid is not None and not mb.valid.all()
+        pad = ~mb.valid
+        for name in ("obs", "log_probs", "values", "advantages", "returns"):
+            getattr(mb, name)[pad] = garbage
+        one_batch = copy.copy(buffer)
+        one_batch.minibatches = lambda *_, mb=mb: iter([mb])
+        agent.policy.load_state_dict(weights)
+        agent.update(one_batch, torch.Generator())
+        grads.append([p.grad.clone() for p in agent.policy.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_select_state_rows_of_a_stored_state():
     _, buffer, _ = _rollout("lstm")
+    stored = tuple(s[8] for s in buffer.states)
     rows = torch.tensor([2, 0])
-    picked = select_state(buffer.states[1], rows)
-    assert torch.equal(picked[1][0], buffer.states[1][1][2])
+    picked = select_state(stored, rows)
+    assert torch.equal(picked[1][0], stored[1][2])
 
 
 def _train(core: str, tmp_path, steps: int) -> dict:
@@ -202,19 +264,22 @@ def test_unknown_env_is_a_clear_cli_error(env, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_refresh_states_recomputes_stored_states_with_current_weights():
-    agent, buffer, _ = _rollout("lstm")
-    before = [tuple(s.clone() for s in state) for state in buffer.states]
+@pytest.mark.parametrize("split", [False, True])
+def test_refresh_states_recomputes_stored_states_with_current_weights(split):
+    agent, buffer, _ = _rollout("lstm", split_episodes=split)
+    plan = buffer.plan()
+    before = buffer.state_at(plan.t, plan.env)
     buffer.refresh_states(agent.policy)  # same weights: the same states
-    for old, new in zip(before, buffer.states, strict=True):
-        for a, b in zip(old, new, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(before, buffer.state_at(plan.t, plan.env), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     with torch.no_grad():
         for p in agent.policy.actor_memory.parameters():
             p.mul_(1.5)
     buffer.refresh_states(agent.policy)
-    assert torch.equal(buffer.states[0][0], before[0][0])  # the rollout's first state stays
-    assert not torch.allclose(buffer.states[-1][0], before[-1][0])
+    after = buffer.state_at(plan.t, plan.env)[0]
+    at_start = plan.t == 0
+    assert torch.equal(after[at_start], before[0][at_start])  # the rollout's first state stays
+    assert not torch.allclose(after[~at_start], before[0][~at_start])
 
 
 def test_burn_in_rederives_start_states_with_current_weights():
@@ -222,7 +287,7 @@ def test_burn_in_rederives_start_states_with_current_weights():
     with torch.no_grad():
         for p in agent.policy.actor_memory.core.parameters():
             p.mul_(1.3)
-        for mb in buffer.minibatches(64, torch.Generator().manual_seed(0)):
+        for mb in buffer.minibatches(512, torch.Generator().manual_seed(0)):
             start = agent.sequence_start_state(mb)[0]
             valid = mb.burn_in.valid
             assert valid.any() and not valid.all()

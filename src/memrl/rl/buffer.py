@@ -1,6 +1,6 @@
-"""Rollout storage for recurrent PPO: time-major tensors, the core state at the start of every
-training sequence, GAE, and minibatches of whole sequences (seed 002's RecurrentRolloutBuffer;
-seed 004: the stored state is the whole tuple, e.g. (h, c) for the LSTM)."""
+"""Rollout storage for recurrent PPO: time-major tensors, the core state before every step, GAE,
+and minibatches of whole sequences (seed 002's RecurrentRolloutBuffer; seed 004: the stored state
+is the whole tuple, e.g. (h, c) for the LSTM)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from memrl.cores import State
 
 @dataclass
 class SequenceBatch:
-    """A minibatch of S sequences of L steps, time-major, with their initial core state."""
+    """A minibatch of S sequences of at most L steps, time-major, with their initial core state.
+    ``valid`` marks real steps; shorter sequences (``split_episodes``) are padded at the end."""
 
     obs: torch.Tensor  # (L, S, D)
     is_first: torch.Tensor  # (L, S) bool
@@ -25,15 +26,20 @@ class SequenceBatch:
     advantages: torch.Tensor  # (L, S)
     returns: torch.Tensor  # (L, S)
     state: State  # each (S, ...)
+    valid: torch.Tensor | None = None  # (L, S) bool, or None: every step is real
     burn_in: BurnIn | None = None
+
+    def real(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (L, S, ...) at the real steps only: (n, ...), padding left out."""
+        return x if self.valid is None else x[self.valid]
 
 
 @dataclass
 class BurnIn:
     """R2D2 burn-in (Kapturowski et al. 2019, section 3): the B steps before each sequence,
     replayed without gradient from the state stored at their start, re-derive the sequence's
-    initial state with the current weights. Sequences at a rollout's start have no steps
-    before them (``valid`` false) and keep their stored state."""
+    initial state with the current weights. Sequences starting fewer than B steps into the
+    rollout have no such window (``valid`` false) and keep their stored state."""
 
     obs: torch.Tensor  # (B, S, D)
     is_first: torch.Tensor  # (B, S) bool
@@ -41,8 +47,20 @@ class BurnIn:
     valid: torch.Tensor  # (S,) bool
 
 
+@dataclass
+class _Plan:
+    """Where the training sequences lie: start step, env and length of each, env-major."""
+
+    t: torch.Tensor  # (K,) long
+    env: torch.Tensor  # (K,) long
+    length: torch.Tensor  # (K,) long
+
+
 class RolloutBuffer:
-    """``T`` steps of ``N`` envs, cut into ``T // bptt_len`` sequences per env."""
+    """``T`` steps of ``N`` envs, cut into training sequences of at most ``bptt_len`` steps:
+    fixed windows every ``bptt_len`` steps, or with ``split_episodes`` windows that restart at
+    every episode start, so that a sequence that begins an episode starts from the exact zero
+    state and none holds steps of two episodes (sb3-contrib's sequences, capped at bptt_len)."""
 
     def __init__(
         self,
@@ -55,11 +73,15 @@ class RolloutBuffer:
         bptt_len: int,
         device: torch.device,
         burn_in: int = 0,
+        split_episodes: bool = False,
     ) -> None:
         if num_steps % bptt_len:
             raise ValueError(f"rollout_steps={num_steps} must be a multiple of bptt_len={bptt_len}")
+        if not 0 <= burn_in <= bptt_len:
+            raise ValueError(f"burn_in={burn_in}; expected 0 <= burn_in <= bptt_len={bptt_len}")
         T, N = num_steps, num_envs
         self.T, self.N, self.L, self.device = T, N, bptt_len, device
+        self.burn_in, self.split_episodes = burn_in, split_episodes
         f32 = dict(device=device, dtype=torch.float32)
         self.obs = torch.zeros(T, N, obs_dim, **f32)
         self.is_first = torch.zeros(T, N, dtype=torch.bool, device=device)
@@ -75,31 +97,47 @@ class RolloutBuffer:
         self.dones = torch.zeros(T, N, dtype=torch.bool, device=device)
         self.advantages = torch.zeros(T, N, **f32)
         self.returns = torch.zeros(T, N, **f32)
-        if not 0 <= burn_in <= bptt_len:
-            raise ValueError(f"burn_in={burn_in}; expected 0 <= burn_in <= bptt_len={bptt_len}")
-        self.burn_in = burn_in
-        self.states: list[State] = [()] * (T // bptt_len)  # state at each sequence start
-        self.burn_states: list[State] = [()] * (T // bptt_len)  # ... and B steps before it
+        self.states: State = ()  # the state before every step: each (T, N, ...)
 
     def store_state(self, t: int, state: State) -> None:
-        """Keep the state the policy had *before* step ``t`` (a sequence start)."""
-        self.states[t // self.L] = tuple(s.clone() for s in state)
+        """Keep the state the policy had *before* step ``t``."""
+        if not self.states:  # normal tensors even in the rollout's inference mode
+            with torch.inference_mode(False):
+                self.states = tuple(s.new_zeros(self.T, *s.shape) for s in state)
+        for stored, s in zip(self.states, state, strict=True):
+            stored[t] = s
 
-    def store_burn_in_state(self, t: int, state: State) -> None:
-        """Keep the state before step ``t`` if a burn-in window starts there."""
-        if self.burn_in and (t + self.burn_in) % self.L == 0 and t + self.burn_in < self.T:
-            self.burn_states[(t + self.burn_in) // self.L] = tuple(s.clone() for s in state)
+    def state_at(self, t: torch.Tensor, env: torch.Tensor) -> State:
+        """The stored states before steps ``t`` of envs ``env`` (both (K,) long): each (K, ...)."""
+        return tuple(s[t, env] for s in self.states)
+
+    def plan(self) -> _Plan:
+        """The training sequences of this rollout (env-major)."""
+        T, L = self.T, self.L
+        steps = torch.arange(T, device=self.device)
+        if self.split_episodes:  # steps since the episode (or the rollout) started, per env
+            since = steps[:, None] - torch.where(self.is_first, steps[:, None], 0).cummax(0).values
+        else:
+            since = steps[:, None].expand(T, self.N)
+        env, t = (since % L == 0).t().nonzero(as_tuple=True)  # env-major: t ascending per env
+        flat = env * T + t
+        ends = torch.cat([flat[1:], flat.new_tensor([self.N * T])])  # next start, or row's end
+        return _Plan(t, env, ends - flat)
 
     @torch.no_grad()
     def refresh_states(self, policy) -> None:
-        """Recompute the stored states of sequences 1.. with the current weights, unrolling the
-        rollout from its first stored state (stale stored states are one source of PPO's
-        recurrent off-policyness; R2D2 section 3)."""
-        state = self.states[0]
-        for k in range(1, len(self.states)):
-            window = slice((k - 1) * self.L, k * self.L)
-            _, _, state = policy(self.obs[window], state, self.is_first[window])
-            self.states[k] = state
+        """Recompute the stored states wherever a sequence (or its burn-in window) starts, with
+        the current weights, unrolling the rollout from its first stored state (stale stored
+        states are one source of PPO's recurrent off-policyness; R2D2 section 3)."""
+        plan = self.plan()
+        times = set(plan.t.tolist()) | {t - self.burn_in for t in plan.t.tolist()}
+        times = sorted(t for t in times if t > 0)
+        state, start = tuple(s[0] for s in self.states), 0
+        for t in times:
+            _, _, state = policy(self.obs[start:t], state, self.is_first[start:t])
+            for stored, s in zip(self.states, state, strict=True):
+                stored[t] = s
+            start = t
 
     def compute_gae(self, last_value: torch.Tensor, gamma: float, lam: float) -> None:
         """GAE(lambda). ``dones[t]``: the transition at t ended its episode (a truncation's
@@ -113,39 +151,31 @@ class RolloutBuffer:
             next_value = self.values[t]
         self.returns = self.advantages + self.values
 
-    def _sequences(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, N, ...) -> (L, K*N, ...) with sequence index k*N + n."""
-        K = self.T // self.L
-        x = x.view(K, self.L, self.N, *x.shape[2:]).transpose(0, 1)
-        return x.reshape(self.L, K * self.N, *x.shape[3:])
-
     def minibatches(
-        self, sequences_per_batch: int, generator: torch.Generator | None = None
+        self, steps_per_batch: int, generator: torch.Generator | None = None
     ) -> Iterator[SequenceBatch]:
-        """Shuffled minibatches of whole sequences with their stored initial states."""
-        fields = {
-            name: self._sequences(getattr(self, name))
-            for name in (
-                "obs",
-                "is_first",
-                "actions",
-                "log_probs",
-                "values",
-                "advantages",
-                "returns",
-            )
-        }
-        masks = None if self.masks is None else self._sequences(self.masks)
-        state = tuple(torch.cat(parts) for parts in zip(*self.states, strict=True))  # (K*N, ...)
-        burn = self._burn_in_windows() if self.burn_in else None
-        count = fields["obs"].shape[1]
-        order = torch.randperm(count, generator=generator).to(self.device)
-        for start in range(0, count, sequences_per_batch):
-            idx = order[start : start + sequences_per_batch]
+        """Shuffled minibatches of whole sequences with their stored initial states, each of
+        about ``steps_per_batch`` real steps (exactly ``steps_per_batch / bptt_len`` sequences
+        with fixed windows)."""
+        plan = self.plan()
+        offsets = torch.arange(self.L, device=self.device)[:, None]  # (L, 1)
+        valid = offsets < plan.length  # (L, K)
+        rows = (plan.t + offsets).clamp(max=self.T - 1), plan.env.expand(self.L, -1)
+        names = ("obs", "is_first", "actions", "log_probs", "values", "advantages", "returns")
+        fields = {name: getattr(self, name)[rows] for name in names}  # (L, K, ...)
+        masks = None if self.masks is None else self.masks[rows]
+        state = self.state_at(plan.t, plan.env)  # (K, ...)
+        burn = self._burn_in_windows(plan) if self.burn_in else None
+        order = torch.randperm(len(plan.t), generator=generator).to(self.device)
+        lengths = plan.length[order]
+        batch = (lengths.cumsum(0) - lengths) // steps_per_batch  # by each one's first real step
+        for idx in order.split([n for n in torch.bincount(batch).tolist() if n]):
+            mb_valid = valid[:, idx]
             yield SequenceBatch(
                 **{k: v[:, idx] for k, v in fields.items()},
                 masks=None if masks is None else masks[:, idx],
                 state=tuple(s[idx] for s in state),
+                valid=None if bool(mb_valid.all()) else mb_valid,
                 burn_in=None
                 if burn is None
                 else BurnIn(
@@ -156,22 +186,15 @@ class RolloutBuffer:
                 ),
             )
 
-    def _burn_in_windows(self) -> BurnIn:
-        """The B steps before every sequence, (B, K*N, ...); zeros before the rollout."""
-        B, K = self.burn_in, self.T // self.L
-
-        def windows(x: torch.Tensor) -> torch.Tensor:
-            padded = torch.cat([x.new_zeros(B, *x.shape[1:]), x])  # padded[t + B] = x[t]
-            steps = torch.stack([padded[k * self.L : k * self.L + B] for k in range(K)], 1)
-            return steps.reshape(B, K * self.N, *x.shape[2:])  # (B, K*N, ...)
-
-        first_states = self.states[0]
-        states = [first_states, *self.burn_states[1:]]
-        valid = torch.ones(K, self.N, dtype=torch.bool, device=self.device)
-        valid[0] = False
+    def _burn_in_windows(self, plan: _Plan) -> BurnIn:
+        """The B steps before every sequence, (B, K, ...), from the state stored before them;
+        windows that would start before the rollout are marked invalid."""
+        B = self.burn_in
+        first = plan.t - B  # (K,)
+        rows = (first + torch.arange(B, device=self.device)[:, None]).clamp(min=0), plan.env
         return BurnIn(
-            obs=windows(self.obs),
-            is_first=windows(self.is_first),
-            state=tuple(torch.cat(parts) for parts in zip(*states, strict=True)),
-            valid=valid.reshape(-1),
+            obs=self.obs[rows],
+            is_first=self.is_first[rows],
+            state=self.state_at(first.clamp(min=0), plan.env),
+            valid=first >= 0,
         )

@@ -60,6 +60,11 @@ class PPOConfig(RunOptions):
     """Give the critic its own encoder and memory."""
     bptt_len: int = 16
     """Truncated-BPTT sequence length; must divide rollout_steps."""
+    split_episodes: bool = False
+    """Also start a training sequence at every episode start (sequences of at most bptt_len
+    steps, shorter ones padded and left out of the loss), as sb3-contrib does: a sequence that
+    begins an episode then starts from the exact zero state, and with bptt_len >= the episode
+    length each episode is one sequence."""
     epochs: int = 4
     """PPO epochs per rollout."""
     minibatch_steps: int = 512
@@ -205,23 +210,28 @@ class PPOAgent:
             approx_kl = 0.0
             if cfg.refresh_states:
                 buffer.refresh_states(self.policy)
-            for mb in buffer.minibatches(cfg.minibatch_steps // cfg.bptt_len, generator):
+            for mb in buffer.minibatches(cfg.minibatch_steps, generator):
                 dist_params, values, _ = self.policy(
                     mb.obs, self.sequence_start_state(mb), mb.is_first
                 )
                 dist = self.distribution(dist_params, mb.masks)
-                log_ratio = dist.log_prob(mb.actions) - mb.log_probs
+                log_ratio = mb.real(dist.log_prob(mb.actions)) - mb.real(mb.log_probs)
                 ratio = log_ratio.exp()
-                entropy = dist.entropy().mean()
-                adv = mb.advantages
+                entropy = mb.real(dist.entropy()).mean()
+                adv = mb.real(mb.advantages)
                 if cfg.norm_adv:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
                 clipped_ratio = ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
                 pg_loss = torch.max(-adv * ratio, -adv * clipped_ratio).mean()
-                v_loss = (values - mb.returns).square()
+                values, returns, old_values = (
+                    mb.real(values),
+                    mb.real(mb.returns),
+                    mb.real(mb.values),
+                )
+                v_loss = (values - returns).square()
                 if cfg.clip_value:
-                    v_clip = mb.values + (values - mb.values).clamp(-cfg.clip_coef, cfg.clip_coef)
-                    v_loss = torch.max(v_loss, (v_clip - mb.returns).square())
+                    v_clip = old_values + (values - old_values).clamp(-cfg.clip_coef, cfg.clip_coef)
+                    v_loss = torch.max(v_loss, (v_clip - returns).square())
                 v_loss = 0.5 * v_loss.mean()
                 loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
                 self.optimizer.zero_grad(set_to_none=True)
@@ -278,9 +288,7 @@ def collect_rollout(agent: PPOAgent, envs, buffer: RolloutBuffer, carry: Carry) 
         mask = agent.mask_tensor(carry.info)
         state, is_first = carry.state, carry.is_first
         for t in range(buffer.T):
-            if t % buffer.L == 0:
-                buffer.store_state(t, state)
-            buffer.store_burn_in_state(t, state)
+            buffer.store_state(t, state)
             dist_params, value, next_state = policy.step(obs, state, is_first)
             dist = agent.distribution(dist_params, mask)
             action = dist.sample()
@@ -361,6 +369,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
         cfg.bptt_len,
         device,
         burn_in=cfg.burn_in,
+        split_episodes=cfg.split_episodes,
     )
     bar = run.progress(num_updates * N * T * ranks)
     start = time.perf_counter() - wall
