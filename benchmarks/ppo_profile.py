@@ -54,13 +54,15 @@ def timers(seconds: dict[str, float]):
         def wrapper(*args, **kwargs):
             if rollout_only and not inside["rollout"]:
                 return fn(*args, **kwargs)
-            inside["rollout"] |= label == "rollout"
+            if label == "rollout":
+                inside["rollout"] = True
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 seconds[label] += time.perf_counter() - start
-                inside["rollout"] &= label != "rollout"
+                if label == "rollout":
+                    inside["rollout"] = False
 
         return wrapper
 

@@ -160,6 +160,7 @@ class RolloutBuffer:
         plan = self.plan()
         offsets = torch.arange(self.L, device=self.device)[:, None]  # (L, 1)
         valid = offsets < plan.length  # (L, K)
+        padded = not bool(valid.all())  # once per epoch, not a sync per minibatch
         rows = (plan.t + offsets).clamp(max=self.T - 1), plan.env.expand(self.L, -1)
         names = ("obs", "is_first", "actions", "log_probs", "values", "advantages", "returns")
         fields = {name: getattr(self, name)[rows] for name in names}  # (L, K, ...)
@@ -170,12 +171,11 @@ class RolloutBuffer:
         lengths = plan.length[order]
         batch = (lengths.cumsum(0) - lengths) // steps_per_batch  # by each one's first real step
         for idx in order.split([n for n in torch.bincount(batch).tolist() if n]):
-            mb_valid = valid[:, idx]
             yield SequenceBatch(
                 **{k: v[:, idx] for k, v in fields.items()},
                 masks=None if masks is None else masks[:, idx],
                 state=tuple(s[idx] for s in state),
-                valid=None if bool(mb_valid.all()) else mb_valid,
+                valid=valid[:, idx] if padded else None,
                 burn_in=None
                 if burn is None
                 else BurnIn(
