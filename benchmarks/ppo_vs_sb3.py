@@ -128,6 +128,53 @@ def sb3_evaluate(model: RecurrentPPO, env_id: str, seed: int) -> float:
     return float(np.mean(finished[:EVAL_EPISODES]))
 
 
+def sb3_model(
+    env_id: str,
+    layout: str,
+    seed: int,
+    lr,
+    policy: str = "matched",
+    batch_size: int = MINIBATCH,
+    n_epochs: int = EPOCHS,
+    vf_coef: float = VF,
+    max_grad_norm: float = MAX_GRAD_NORM,
+) -> RecurrentPPO:
+    """sb3-contrib's RecurrentPPO with this benchmark's settings on memrl's envs; ``lr`` a float
+    or an sb3 schedule."""
+    policy_kwargs: dict = dict(lstm_hidden_size=HIDDEN, n_lstm_layers=1, ortho_init=True)
+    if policy == "matched":  # memrl's architecture
+        policy_kwargs.update(
+            net_arch=[], features_extractor_class=Encoder, features_extractor_kwargs={}
+        )
+    if layout == "default":  # separate actor and critic LSTMs
+        policy_kwargs.update(shared_lstm=False, enable_critic_lstm=True)
+        if policy == "matched":  # and separate encoders, as memrl's
+            policy_kwargs.update(share_features_extractor=False)
+    else:  # critic reads the actor's LSTM output (detached)
+        policy_kwargs.update(shared_lstm=True, enable_critic_lstm=False)
+    set_random_seed(seed)  # not RecurrentPPO(seed=...): that would reseed the envs seed + i
+    return RecurrentPPO(
+        "MlpLstmPolicy",
+        sb3_vec_env(env_id, seed),
+        learning_rate=lr,
+        n_steps=ROLLOUT_STEPS,
+        batch_size=batch_size,
+        n_epochs=n_epochs,
+        gamma=GAMMA,
+        gae_lambda=GAE_LAMBDA,
+        clip_range=CLIP,
+        clip_range_vf=None,
+        normalize_advantage=True,
+        ent_coef=ENT,
+        vf_coef=vf_coef,
+        max_grad_norm=max_grad_norm,
+        target_kl=None,
+        policy_kwargs=policy_kwargs,
+        verbose=0,
+        device="cpu",
+    )
+
+
 def run_sb3(env_id: str, layout: str, seed: int, steps: int, args) -> dict:
     num_updates = steps // (NUM_ENVS * ROLLOUT_STEPS)
     if args.anneal_lr:
@@ -137,39 +184,8 @@ def run_sb3(env_id: str, layout: str, seed: int, steps: int, args) -> dict:
             return args.lr * min(1.0, progress + 1.0 / num_updates)
     else:
         lr = args.lr
-    policy_kwargs: dict = dict(lstm_hidden_size=HIDDEN, n_lstm_layers=1, ortho_init=True)
-    if args.sb3_policy == "matched":  # memrl's architecture
-        policy_kwargs.update(
-            net_arch=[], features_extractor_class=Encoder, features_extractor_kwargs={}
-        )
-    if layout == "default":  # separate actor and critic LSTMs
-        policy_kwargs.update(shared_lstm=False, enable_critic_lstm=True)
-        if args.sb3_policy == "matched":  # and separate encoders, as memrl's
-            policy_kwargs.update(share_features_extractor=False)
-    else:  # critic reads the actor's LSTM output (detached)
-        policy_kwargs.update(shared_lstm=True, enable_critic_lstm=False)
-    set_random_seed(seed)  # not RecurrentPPO(seed=...): that would reseed the envs seed + i
-    venv = sb3_vec_env(env_id, seed)
-    model = RecurrentPPO(
-        "MlpLstmPolicy",
-        venv,
-        learning_rate=lr,
-        n_steps=ROLLOUT_STEPS,
-        batch_size=MINIBATCH,
-        n_epochs=EPOCHS,
-        gamma=GAMMA,
-        gae_lambda=GAE_LAMBDA,
-        clip_range=CLIP,
-        clip_range_vf=None,
-        normalize_advantage=True,
-        ent_coef=ENT,
-        vf_coef=VF,
-        max_grad_norm=MAX_GRAD_NORM,
-        target_kl=None,
-        policy_kwargs=policy_kwargs,
-        verbose=0,
-        device="cpu",
-    )
+    model = sb3_model(env_id, layout, seed, lr, args.sb3_policy)
+    venv = model.get_env()
     start = time.perf_counter()
     model.learn(total_timesteps=steps, progress_bar=False)
     wall = time.perf_counter() - start
