@@ -38,10 +38,12 @@ Differences that remain: sb3 trains on whole-rollout sequences split at episode 
 BPTT runs up to 128 steps, zero-padded; the LSTM falls back to a per-step loop whenever a
 sequence in the minibatch starts an episode), memrl by default on fixed 16-step sequences from
 stored states (``--memrl-bptt-len``; ``--memrl-split-episodes`` restarts them at episode starts
-too, as sb3 does); in sb3's shared layout the value loss does not reach the LSTM or the
-encoder (``latent_pi.detach()``), in memrl's it does; PyTorch's default LSTM init in sb3,
-memrl's own in memrl. Run it on a quiet machine: on 2 cores, another busy job slowed both
-frameworks by 50-150x in one trial; each row records the load average before it.
+too, as sb3 does, and with ``--memrl-bptt-len 128`` gives sb3's sequences exactly); in sb3's
+shared layout the value loss does not reach the LSTM or the encoder (``latent_pi.detach()``),
+in memrl's it does; PyTorch's default LSTM init in sb3, memrl's own in memrl
+(``--memrl-rnn-init pytorch``: sb3's). ``ppo_grad_vs_sb3.py`` checks that, given the same
+sequences, both compute the same gradient. Run it on a quiet machine: on 2 cores, another busy
+job slowed both frameworks by 50-150x in one trial; each row records the load average before it.
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) 
         separate_critic=layout == "default",
         bptt_len=args.memrl_bptt_len,
         split_episodes=args.memrl_split_episodes,
+        rnn_init=args.memrl_rnn_init,
         epochs=EPOCHS,
         minibatch_steps=MINIBATCH,
         lr=args.lr,
@@ -330,6 +333,12 @@ def main() -> None:
         help="memrl's --split-episodes: sequences also restart at episode starts (sb3's "
         "sequences); with --memrl-bptt-len >= the episode length, one sequence per episode",
     )
+    parser.add_argument(
+        "--memrl-rnn-init",
+        choices=("orthogonal", "pytorch"),
+        default="orthogonal",
+        help="memrl's --rnn-init (pytorch: nn.LSTM's own, as sb3's LSTM)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
         "--out",
@@ -358,7 +367,8 @@ def main() -> None:
         f"{ROLLOUT_STEPS} steps, LSTM {HIDDEN}, {EPOCHS} epochs, minibatch {MINIBATCH}, "
         f"lr {args.lr:g}{' annealed' if args.anneal_lr else ''}, CPU, "
         f"{torch.get_num_threads()} torch threads, sb3 policy {args.sb3_policy}, memrl "
-        f"bptt {args.memrl_bptt_len}{' split at episodes' if args.memrl_split_episodes else ''}, "
+        f"bptt {args.memrl_bptt_len}{' split at episodes' if args.memrl_split_episodes else ''} "
+        f"{args.memrl_rnn_init} init, "
         f"{len(plan)} runs; load average {load[0]:.2f} (the machine should be quiet)",
         flush=True,
     )

@@ -51,6 +51,10 @@ def memrl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["recall", "--config", "missing.yaml"], "missing.yaml does not exist"),
         (["recall", "--resume", "no/such/run"], "no/such/run"),
         (["recall", "--config"], "--config expects a value"),
+        (
+            ["ppo", "--core", "s4d", "--rnn-init", "pytorch"],
+            "rnn_init='pytorch' applies to gru and lstm, not s4d",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error_with_exit_code_2(args, message, tmp_path):

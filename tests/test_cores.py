@@ -292,6 +292,21 @@ def test_recurrent_init_orthogonal_and_forget_bias_one():
             torch.testing.assert_close(bias, want)
 
 
+def test_recurrent_init_pytorch_is_torchs_own():
+    """``init="pytorch"``: every weight and bias as ``nn.LSTM``/``nn.GRU`` draws them (the draw
+    that ``reset_parameters`` repeats after the constructor's)."""
+    for name, cls in (("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU)):
+        torch.manual_seed(5)
+        core = make_core(name, input_size=3, hidden_size=6, num_layers=2, init="pytorch")
+        torch.manual_seed(5)
+        ref = cls(3, 6, 2)
+        ref.reset_parameters()
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(core.rnn.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="LSTMCore: unknown init 'xavier'.*orthogonal, pytorch"):
+        make_core("lstm", input_size=3, hidden_size=6, init="xavier")
+
+
 @pytest.mark.parametrize("name", [*ALL, "s4d"])
 def test_state_helpers_work_on_every_core(name):
     core = build(name, 4)

@@ -318,3 +318,20 @@ def test_async_vector_env_trains_exactly_like_sync(tmp_path):
     assert sync.keys() == parallel.keys()
     for key in sync:
         assert torch.equal(sync[key], parallel[key]), key
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_rnn_init_reaches_every_core_of_the_policy(separate_critic):
+    """``--rnn-init pytorch`` builds every memory (actor's and critic's) with PyTorch's init;
+    the default keeps memrl's orthogonal recurrent blocks and zero biases."""
+    space = spaces.Box(0.0, 1.0, (3,), np.float32)
+    for init in ("orthogonal", "pytorch"):
+        cfg = PPOConfig(core="lstm", hidden_size=8, separate_critic=separate_critic, rnn_init=init)
+        agent = PPOAgent(cfg, space, spaces.Discrete(2), torch.device("cpu"))
+        cores = [m.core for m in (agent.policy.actor_memory, agent.policy.critic_memory) if m]
+        assert len(cores) == 1 + separate_critic
+        for core in cores:
+            block = core.rnn.weight_hh_l0[:8]
+            orthogonal = torch.allclose(block @ block.t(), torch.eye(8), atol=1e-5)
+            assert orthogonal == (init == "orthogonal")
+            assert bool(core.rnn.bias_hh_l0.eq(0).all()) == (init == "orthogonal")

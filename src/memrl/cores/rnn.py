@@ -25,6 +25,8 @@ from torch.nn.utils.rnn import PackedSequence
 from memrl.cores._fused_rnn import ResettableGRU, ResettableLSTM
 from memrl.cores.base import Core, State
 
+INITS = ("orthogonal", "pytorch")  # recurrent-core initialisations (``reset_parameters``)
+
 
 def _check_positive(**sizes: int) -> None:
     for name, value in sizes.items():
@@ -68,12 +70,21 @@ class _RecurrentCore(Core):
     _n_state: int  # tensors in the state: 1 for (h,), 2 for (h, c)
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int = 1, layer_norm: bool = False
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        layer_norm: bool = False,
+        init: str = "orthogonal",
     ) -> None:
         super().__init__()
         _check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
+        if init not in INITS:
+            raise ValueError(
+                f"{type(self).__name__}: unknown init {init!r}; expected one of {', '.join(INITS)}"
+            )
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.layer_norm = bool(layer_norm)
+        self.layer_norm, self.init = bool(layer_norm), init
         self.feature_shape, self.output_shape = (input_size,), (hidden_size,)
         self.state_shapes = ((num_layers, hidden_size),) * self._n_state
         self.rnn = self._rnn_class(input_size, hidden_size, num_layers)
@@ -90,8 +101,12 @@ class _RecurrentCore(Core):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Orthogonal recurrent weights (per gate block), PyTorch's default input weights, zero
-        biases (the LSTM's forget-gate bias is 1)."""
+        """``init="orthogonal"``: orthogonal recurrent weights (per gate block), PyTorch's default
+        input weights, zero biases (the LSTM's forget-gate bias is 1). ``init="pytorch"``:
+        ``nn.LSTM``/``nn.GRU``'s own, every weight and bias uniform in +-1/sqrt(hidden_size)."""
+        if self.init == "pytorch":
+            self.rnn.reset_parameters()
+            return
         H = self.hidden_size
         for k in range(self.num_layers):
             w_hh = getattr(self.rnn, f"weight_hh_l{k}")

@@ -158,10 +158,12 @@ class RolloutBuffer:
         about ``steps_per_batch`` real steps (exactly ``steps_per_batch / bptt_len`` sequences
         with fixed windows)."""
         plan = self.plan()
-        offsets = torch.arange(self.L, device=self.device)[:, None]  # (L, 1)
+        # as long as the longest sequence: with split episodes all may be shorter than bptt_len
+        L = int(plan.length.max()) if self.split_episodes else self.L  # once per epoch
+        offsets = torch.arange(L, device=self.device)[:, None]  # (L, 1)
         valid = offsets < plan.length  # (L, K)
-        padded = not bool(valid.all())  # once per epoch, not a sync per minibatch
-        rows = (plan.t + offsets).clamp(max=self.T - 1), plan.env.expand(self.L, -1)
+        padded = not bool(valid.all())
+        rows = (plan.t + offsets).clamp(max=self.T - 1), plan.env.expand(L, -1)
         names = ("obs", "is_first", "actions", "log_probs", "values", "advantages", "returns")
         fields = {name: getattr(self, name)[rows] for name in names}  # (L, K, ...)
         masks = None if self.masks is None else self.masks[rows]

@@ -26,11 +26,17 @@ def _layer(in_size: int, out_size: int, gain: float = math.sqrt(2)) -> nn.Linear
 class _Memory(nn.Module):
     """Encoder MLP followed by a core."""
 
-    def __init__(self, obs_dim: int, core: str, hidden_size: int, num_layers: int) -> None:
+    def __init__(
+        self, obs_dim: int, core: str, hidden_size: int, num_layers: int, **core_options
+    ) -> None:
         super().__init__()
         self.encoder = nn.Sequential(_layer(obs_dim, hidden_size), nn.Tanh())
         self.core = make_core(
-            core, input_size=hidden_size, hidden_size=hidden_size, num_layers=num_layers
+            core,
+            input_size=hidden_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            **core_options,
         )
 
     def forward(self, obs: torch.Tensor, state: State, is_first: torch.Tensor):
@@ -39,7 +45,8 @@ class _Memory(nn.Module):
 
 class RecurrentActorCritic(nn.Module):
     """``forward(obs (T, B, D), state, is_first (T, B))`` -> action params (T, B, P), values
-    (T, B), new state. ``step`` is the same for one step (B, D)."""
+    (T, B), new state. ``step`` is the same for one step (B, D). ``core_options`` go to
+    ``make_core`` (e.g. ``init`` for gru/lstm)."""
 
     def __init__(
         self,
@@ -50,11 +57,14 @@ class RecurrentActorCritic(nn.Module):
         num_layers: int = 1,
         separate_critic: bool = False,
         gaussian_dim: int = 0,
+        **core_options,
     ) -> None:
         super().__init__()
-        self.actor_memory = _Memory(obs_dim, core, hidden_size, num_layers)
+        self.actor_memory = _Memory(obs_dim, core, hidden_size, num_layers, **core_options)
         self.critic_memory = (
-            _Memory(obs_dim, core, hidden_size, num_layers) if separate_critic else None
+            _Memory(obs_dim, core, hidden_size, num_layers, **core_options)
+            if separate_critic
+            else None
         )
         out = self.actor_memory.core.output_size
         self.actor = _layer(out, param_size, gain=0.01)

@@ -58,6 +58,9 @@ class PPOConfig(RunOptions):
     """Core layers."""
     separate_critic: bool = False
     """Give the critic its own encoder and memory."""
+    rnn_init: Literal["orthogonal", "pytorch"] = "orthogonal"
+    """Initialisation of a gru/lstm core: orthogonal recurrent weights and zero biases (the LSTM's
+    forget-gate bias 1), or PyTorch's own uniform one (sb3-contrib's)."""
     bptt_len: int = 16
     """Truncated-BPTT sequence length; must divide rollout_steps."""
     split_episodes: bool = False
@@ -130,6 +133,8 @@ class PPOConfig(RunOptions):
                 f"minibatch_steps={self.minibatch_steps} must be a multiple of "
                 f"bptt_len={self.bptt_len}"
             )
+        if self.rnn_init != "orthogonal" and self.core not in ("gru", "lstm"):
+            raise ValueError(f"rnn_init={self.rnn_init!r} applies to gru and lstm, not {self.core}")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr}; expected a positive number")
         if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
@@ -152,6 +157,7 @@ class PPOAgent:
             cfg.num_layers,
             cfg.separate_critic,
             gaussian_dim=gaussian,
+            **({"init": cfg.rnn_init} if cfg.core in ("gru", "lstm") else {}),
         ).to(device)
         self.optimizer = torch.optim.Adam(
             self.policy.parameters(), lr=cfg.lr, eps=1e-5, fused=device.type in ("cpu", "cuda")
