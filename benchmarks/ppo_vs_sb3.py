@@ -34,16 +34,16 @@ to stdout, one JSON row per run to ``--out``.
 ``--sb3-policy stock`` instead runs sb3's MlpLstmPolicy as shipped (LSTM on the raw observation,
 net_arch pi=[64, 64], vf=[64, 64]) with only the LSTM size and layout set.
 
-Differences that remain: sb3 trains on whole-rollout sequences split at episode starts (its
-BPTT runs up to 128 steps, zero-padded; the LSTM falls back to a per-step loop whenever a
-sequence in the minibatch starts an episode), memrl by default on fixed 16-step sequences from
-stored states (``--memrl-bptt-len``; ``--memrl-split-episodes`` restarts them at episode starts
-too, as sb3 does, and with ``--memrl-bptt-len 128`` gives sb3's sequences exactly); in sb3's
-shared layout the value loss does not reach the LSTM or the encoder (``latent_pi.detach()``),
-in memrl's it does; PyTorch's default LSTM init in sb3, memrl's own in memrl
-(``--memrl-rnn-init pytorch``: sb3's). ``ppo_grad_vs_sb3.py`` checks that, given the same
-sequences, both compute the same gradient. Run it on a quiet machine: on 2 cores, another busy
-job slowed both frameworks by 50-150x in one trial; each row records the load average before it.
+Differences that remain: sb3 trains on whole-rollout sequences split at episode starts (its BPTT
+runs up to 128 steps, zero-padded; the LSTM falls back to a per-step loop whenever a sequence in the
+minibatch starts an episode), memrl by default on fixed 16-step sequences from stored states
+(``--memrl-bptt-len``; ``--memrl-split-episodes`` restarts them at episode starts too, as sb3 does,
+and with ``--memrl-bptt-len 128`` gives sb3's sequences exactly); in sb3's shared layout the value
+loss does not reach the LSTM or the encoder (``latent_pi.detach()``), in memrl's it does; PyTorch's
+default LSTM init in sb3, memrl's own in memrl (``--memrl-rnn-init pytorch``: sb3's).
+``ppo_vs_sb3_check.py`` checks that, so configured, memrl collects sb3's rollouts and computes sb3's
+gradients. Run it on a quiet machine: on 2 cores, another busy job slowed both frameworks by 50-150x
+in one trial; each row records the load average before it.
 """
 
 from __future__ import annotations
