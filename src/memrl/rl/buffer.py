@@ -130,8 +130,8 @@ class RolloutBuffer:
         the current weights, unrolling the rollout from its first stored state (stale stored
         states are one source of PPO's recurrent off-policyness; R2D2 section 3)."""
         plan = self.plan()
-        times = set(plan.t.tolist()) | {t - self.burn_in for t in plan.t.tolist()}
-        times = sorted(t for t in times if t > 0)
+        starts = set(plan.t.tolist())
+        times = sorted(t for t in starts | {t - self.burn_in for t in starts} if t > 0)
         state, start = tuple(s[0] for s in self.states), 0
         for t in times:
             _, _, state = policy(self.obs[start:t], state, self.is_first[start:t])
@@ -162,7 +162,7 @@ class RolloutBuffer:
         L = int(plan.length.max()) if self.split_episodes else self.L  # once per epoch
         offsets = torch.arange(L, device=self.device)[:, None]  # (L, 1)
         valid = offsets < plan.length  # (L, K)
-        padded = not bool(valid.all())
+        padded = self.split_episodes and not bool(valid.all())  # fixed windows never pad
         rows = (plan.t + offsets).clamp(max=self.T - 1), plan.env.expand(L, -1)
         names = ("obs", "is_first", "actions", "log_probs", "values", "advantages", "returns")
         fields = {name: getattr(self, name)[rows] for name in names}  # (L, K, ...)

@@ -35,6 +35,8 @@ from memrl.rl.normalize import ObsNormalizer, RewardScaler
 from memrl.rl.policy import RecurrentActorCritic
 from memrl.runs import ConfigError, Run, RunOptions, distributed
 
+RNN_CORES = ("gru", "lstm")  # the cores that take --rnn-init
+
 
 @dataclasses.dataclass
 class PPOConfig(RunOptions):
@@ -133,7 +135,7 @@ class PPOConfig(RunOptions):
                 f"minibatch_steps={self.minibatch_steps} must be a multiple of "
                 f"bptt_len={self.bptt_len}"
             )
-        if self.rnn_init != "orthogonal" and self.core not in ("gru", "lstm"):
+        if self.rnn_init != "orthogonal" and self.core not in RNN_CORES:
             raise ValueError(f"rnn_init={self.rnn_init!r} applies to gru and lstm, not {self.core}")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr}; expected a positive number")
@@ -157,7 +159,7 @@ class PPOAgent:
             cfg.num_layers,
             cfg.separate_critic,
             gaussian_dim=gaussian,
-            **({"init": cfg.rnn_init} if cfg.core in ("gru", "lstm") else {}),
+            **({"init": cfg.rnn_init} if cfg.core in RNN_CORES else {}),
         ).to(device)
         self.optimizer = torch.optim.Adam(
             self.policy.parameters(), lr=cfg.lr, eps=1e-5, fused=device.type in ("cpu", "cuda")
