@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memrl.cores import CORES, make_core
+from memrl.cores import CORES, make_core, unroll_together
 from memrl.cores.state import cat_states, detach_state, select_state, state_to, zero_state_where
 
 TOL = {"rtol": 1e-8, "atol": 1e-8}
@@ -205,6 +205,74 @@ def test_cuda_path_logic_matches_reference_on_cpu(case):
     want = outputs_and_grads(core, x, state, is_first, reference)
     got = outputs_and_grads(core, x, state, is_first, unroll_cudnn_logic)
     assert_all_close(got, want, f"{name} packed/cuDNN path vs reference")
+
+
+@SETTINGS
+@given(cases(("gru", "lstm", "none")), st.sampled_from(["same kind", "s4d"]))
+def test_unroll_together_equals_each_core_alone(case, partner):
+    """Two cores over the same resets (an actor's and a critic's memory): the fused group (two
+    GRUs or LSTMs of one shape on the CPU) or the one-after-another fallback (any other pair)
+    gives each core's own outputs, final state and gradients."""
+    name, kwargs, shape, p_reset, seed = case
+    second = (
+        build(name, seed + 1, **kwargs)
+        if partner == "same kind"
+        else build("s4d", seed + 1, input_size=kwargs["input_size"], hidden_size=3)
+    )
+    cores = [build(name, seed, **kwargs), second]
+    runs = [inputs(core, *shape, seed + i, p_reset) for i, core in enumerate(cores)]
+    is_first = runs[0][2]
+    leaves = [
+        (x.clone().requires_grad_(), tuple(s.clone().requires_grad_() for s in state))
+        for x, state, _ in runs
+    ]
+
+    def loss_and_grads(outputs):
+        gen = torch.Generator().manual_seed(seed)
+        flat = [t for y, final in outputs for t in (y, *final)]
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in flat)
+        wrt = [t for x, state in leaves for t in (x, *state)]
+        wrt += [p for core in cores for p in core.parameters()]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
+        return [*flat, *grads]
+
+    alone = [core(x, state, is_first) for core, (x, state) in zip(cores, leaves, strict=True)]
+    together = unroll_together(cores, [x for x, _ in leaves], [s for _, s in leaves], is_first)
+    assert_all_close(loss_and_grads(together), loss_and_grads(alone), f"{name} + {partner}")
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+@pytest.mark.parametrize("together", [False, True])
+def test_accumulated_grads_are_separate_tensors(name, together):
+    """Every parameter's ``.grad`` after ``backward`` is its own tensor: an in-place
+    gradient-norm clip scales each exactly once (LSTM: b_ih and b_hh have equal gradients)."""
+    cores = [build(name, seed, num_layers=2) for seed in (0, 1)]
+    x, state, is_first = inputs(cores[0], 5, 3, 0, 0.3)
+    params = [p for core in cores for p in core.parameters()]
+
+    def loss():
+        outputs = (
+            unroll_together(cores, [x, x], [state, state], is_first)
+            if together
+            else [core(x, state, is_first) for core in cores]
+        )
+        return sum((y * torch.arange(y.shape[-1])).sum() for y, _ in outputs)
+
+    want = torch.autograd.grad(loss(), params)
+    loss().backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)
+    scale = 1e-3 / (torch.linalg.vector_norm(torch.stack([g.norm() for g in want])) + 1e-6)
+    for p, g in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, g * scale, **TOL)
+
+
+def test_unroll_together_checks_its_inputs():
+    cores = [build("lstm", 0), build("lstm", 1)]
+    x, state, is_first = inputs(cores[0], 4, 2, 0, 0.3)
+    with pytest.raises(ValueError, match="2 cores, 1 inputs and 2 states"):
+        unroll_together(cores, [x], [state, state], is_first)
+    with pytest.raises(ValueError, match=re.escape("x must have shape (T, B, 3), got (4, 2, 5)")):
+        unroll_together(cores, [x, x.new_zeros(4, 2, 5)], [state, state], is_first)
 
 
 @pytest.mark.parametrize("name", ["gru", "lstm"])

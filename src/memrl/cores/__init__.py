@@ -11,7 +11,7 @@ from typing import Any
 
 from memrl.cores.base import Core, State
 from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
-from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore
+from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore, unroll_together
 from memrl.cores.s4d import S4DCore
 from memrl.cores.state import cat_states, detach_state, select_state, state_to, zero_state_where
 
@@ -58,5 +58,6 @@ __all__ = [
     "make_core",
     "select_state",
     "state_to",
+    "unroll_together",
     "zero_state_where",
 ]

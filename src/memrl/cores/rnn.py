@@ -6,6 +6,8 @@ names, so weights load both ways) and unroll with exact per-env resets three way
 
 - CPU (and any device but CUDA): ``memrl.cores._fused_rnn``, a hand-written forward and backward
   per layer (one matmul per step, weight and input gradients as one large matmul each).
+  ``unroll_together`` runs several such cores (an actor's and a critic's memory) as one group:
+  one op per step for all of them.
 - CUDA: cuDNN. Without a reset inside the sequence, one plain ``nn.LSTM``/``nn.GRU`` call;
   otherwise every episode segment becomes its own sequence of one ``PackedSequence`` (exact:
   each segment after a reset starts from zeros) and cuDNN runs all of them in one call.
@@ -17,6 +19,7 @@ A single step (``T == 1``, rollouts) uses ``torch.lstm_cell`` / ``torch.gru_cell
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -138,7 +141,7 @@ class _RecurrentCore(Core):
             return self._step_cells(x, state, is_first)
         if x.device.type == "cuda":
             return self._unroll_cudnn(x, state, is_first)
-        return self._unroll_fused(x, state, is_first)
+        return _unroll_fused([self], [x], [state], is_first)[0]
 
     def _step_cells(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
@@ -155,12 +158,6 @@ class _RecurrentCore(Core):
             inp = layer_state[0]
             finals.append(layer_state)
         return inp.unsqueeze(0), tuple(torch.stack(s, 1) for s in zip(*finals, strict=True))
-
-    @abc.abstractmethod
-    def _unroll_fused(
-        self, x: torch.Tensor, state: State, is_first: torch.Tensor
-    ) -> tuple[torch.Tensor, State]:
-        """CPU path: one ``ResettableLSTM``/``ResettableGRU`` per layer."""
 
     @abc.abstractmethod
     def _unroll_layer_norm(
@@ -225,21 +222,6 @@ class LSTMCore(_RecurrentCore):
 
     _rnn_class, _gates, _n_state = nn.LSTM, 4, 2
 
-    def _unroll_fused(
-        self, x: torch.Tensor, state: State, is_first: torch.Tensor
-    ) -> tuple[torch.Tensor, State]:
-        keep = (~is_first).to(x.dtype).unsqueeze(-1)  # (T, B, 1)
-        reset_steps = tuple(is_first.any(1).tolist())
-        h0, c0 = state
-        hs, cs = [], []
-        for k in range(self.num_layers):
-            x, h, c = ResettableLSTM.apply(
-                x, h0[:, k], c0[:, k], keep, reset_steps, *self._layer_params(k)
-            )
-            hs.append(h)
-            cs.append(c)
-        return x, (torch.stack(hs, 1), torch.stack(cs, 1))
-
     def _unroll_layer_norm(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
@@ -271,17 +253,6 @@ class GRUCore(_RecurrentCore):
 
     _rnn_class, _gates, _n_state = nn.GRU, 3, 1
 
-    def _unroll_fused(
-        self, x: torch.Tensor, state: State, is_first: torch.Tensor
-    ) -> tuple[torch.Tensor, State]:
-        keep = (~is_first).to(x.dtype).unsqueeze(-1)  # (T, B, 1)
-        reset_steps = tuple(is_first.any(1).tolist())
-        hs = []
-        for k in range(self.num_layers):
-            x, h = ResettableGRU.apply(x, state[0][:, k], keep, reset_steps, *self._layer_params(k))
-            hs.append(h)
-        return x, (torch.stack(hs, 1),)
-
     def _unroll_layer_norm(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
@@ -304,3 +275,71 @@ class GRUCore(_RecurrentCore):
             x = torch.stack(ys)
             hs.append(h)
         return x, (torch.stack(hs, 1),)
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; a view for one tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _unroll_fused(
+    cores: Sequence[_RecurrentCore],
+    xs: Sequence[torch.Tensor],
+    states: Sequence[State],
+    is_first: torch.Tensor,
+) -> list[tuple[torch.Tensor, State]]:
+    """The CPU path of same-shaped GRU or LSTM cores over the same steps and resets: per layer,
+    one ``ResettableGRU``/``ResettableLSTM`` call for all of them (a group of one for a lone
+    core). ``xs[g]`` (T, B, F); returns ``(y, state)`` per core."""
+    first = cores[0]
+    fused = ResettableLSTM if first._n_state == 2 else ResettableGRU
+    keep = (~is_first).to(xs[0].dtype).unsqueeze(-1)  # (T, B, 1)
+    reset_steps = tuple(is_first.any(1).tolist())
+    x, finals = _stack(xs), []  # (G, T, B, F)
+    for k in range(first.num_layers):
+        params = [_stack(p) for p in zip(*(core._layer_params(k) for core in cores), strict=True)]
+        initial = [_stack([s[i][:, k] for s in states]) for i in range(first._n_state)]
+        x, *final = fused.apply(x, *initial, keep, reset_steps, *params)  # final: (G, B, H) each
+        finals.append(final)
+    return [
+        (x[g], tuple(torch.stack([f[i][g] for f in finals], 1) for i in range(first._n_state)))
+        for g in range(len(cores))
+    ]
+
+
+def unroll_together(
+    cores: Sequence[Core],
+    xs: Sequence[torch.Tensor],
+    states: Sequence[State],
+    is_first: torch.Tensor,
+) -> list[tuple[torch.Tensor, State]]:
+    """``[core(x, state, is_first) for core, x, state in zip(cores, xs, states)]``: several cores
+    over the same steps and resets (e.g. an actor's and a critic's memory). GRU or LSTM cores of
+    one kind and shape unrolling a sequence on the CPU run as one fused group, one op per step
+    for all of them; any other cores run one after another."""
+    if not len(cores) == len(xs) == len(states):
+        raise ValueError(
+            f"unroll_together: {len(cores)} cores, {len(xs)} inputs and {len(states)} states; "
+            "expected one input and one state per core"
+        )
+    for core, x, state in zip(cores, xs, states, strict=True):
+        core._check(x, state, is_first, sequence=True)
+    first = cores[0]
+    if (
+        isinstance(first, _RecurrentCore)
+        and not first.layer_norm
+        and xs[0].shape[0] > 1
+        and xs[0].device.type != "cuda"
+        and all(
+            type(core) is type(first)
+            and not core.layer_norm
+            and (core.input_size, core.hidden_size, core.num_layers)
+            == (first.input_size, first.hidden_size, first.num_layers)
+            for core in cores
+        )
+    ):
+        return _unroll_fused(cores, xs, [tuple(s) for s in states], is_first)
+    return [
+        core._unroll(x, tuple(state), is_first)
+        for core, x, state in zip(cores, xs, states, strict=True)
+    ]

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from memrl.cores import State, make_core
+from memrl.cores import State, make_core, unroll_together
 
 
 def _layer(in_size: int, out_size: int, gain: float = math.sqrt(2)) -> nn.Linear:
@@ -82,14 +82,18 @@ class RecurrentActorCritic(nn.Module):
     def forward(
         self, obs: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
-        actor_state, critic_state = state[: self._n_actor_state], state[self._n_actor_state :]
-        y, actor_state = self.actor_memory(obs, actor_state, is_first)
-        params = self.actor(y)
         if self.critic_memory is None:
-            values = self.critic(y).squeeze(-1)
-            return params, values, actor_state
-        y_critic, critic_state = self.critic_memory(obs, critic_state, is_first)
-        return params, self.critic(y_critic).squeeze(-1), actor_state + critic_state
+            y, state = self.actor_memory(obs, state, is_first)
+            return self.actor(y), self.critic(y).squeeze(-1), state
+        # both memories in one fused unroll where the core allows (one op per step for both)
+        memories = (self.actor_memory, self.critic_memory)
+        (y, actor_state), (y_critic, critic_state) = unroll_together(
+            [m.core for m in memories],
+            [m.encoder(obs) for m in memories],
+            [state[: self._n_actor_state], state[self._n_actor_state :]],
+            is_first,
+        )
+        return self.actor(y), self.critic(y_critic).squeeze(-1), actor_state + critic_state
 
     def step(
         self, obs: torch.Tensor, state: State, is_first: torch.Tensor

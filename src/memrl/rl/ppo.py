@@ -98,7 +98,8 @@ class PPOConfig(RunOptions):
     """R2D2 burn-in: re-derive each sequence's initial state by replaying the B steps before it
     (no gradient) from the state stored there; 0 <= B <= bptt_len."""
     refresh_states: bool = False
-    """Before each epoch, recompute the stored sequence-start states with the current weights."""
+    """Before each epoch after the first, recompute the stored sequence-start states with the
+    current weights."""
     norm_adv: bool = True
     """Normalise advantages per minibatch."""
     norm_obs: bool = False
@@ -214,9 +215,9 @@ class PPOAgent:
         params = list(self.policy.parameters())
         sums: dict[str, float] = {}
         count = 0
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             approx_kl = 0.0
-            if cfg.refresh_states:
+            if cfg.refresh_states and epoch > 0:  # the first epoch has the rollout's weights
                 buffer.refresh_states(self.policy)
             for mb in buffer.minibatches(cfg.minibatch_steps, generator):
                 dist_params, values, _ = self.policy(
