@@ -7,7 +7,8 @@ Runs ``train_ppo`` with the issue's benchmark settings (16 envs x 128 steps, hid
 epochs, minibatches of 512 steps) with wall-clock timers around its parts (no profiler: cProfile
 inflated the Python-heavy env step 2x here): stepping the vector env (gymnasium + the env), the
 policy's forward passes in the rollout, the rest of the rollout (sampling, buffer writes, tensor
-conversion), the PPO update (forward, backward, Adam) and the rest (GAE, logging, checkpoints).
+conversion), the PPO update (forward, backward, Adam), its refresh of the stored states and the
+rest (GAE, logging, checkpoints).
 One more update runs under ``torch.profiler`` to split the update into matrix products
 (``aten::mm``/``addmm``/``bmm``, with their achieved GFLOP/s) and everything else, next to this
 machine's matmul peak (one 2048 x 2048 product) at the same thread count. Last, the same vector
@@ -32,9 +33,10 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import memrl.rl.ppo as ppo  # noqa: E402
 from memrl.envs import make_vector_env, vector_env_seeds  # noqa: E402
+from memrl.rl.buffer import RolloutBuffer  # noqa: E402
 from memrl.rl.policy import RecurrentActorCritic  # noqa: E402
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 @contextlib.contextmanager
@@ -47,6 +49,7 @@ def timers(seconds: dict[str, float]):
         ("policy in the rollout", RecurrentActorCritic, "step", True),
         ("rollout", ppo, "collect_rollout", False),
         ("PPO update", ppo.PPOAgent, "update", False),
+        ("state refresh", RolloutBuffer, "refresh_states", False),
     )
     originals = [(owner, name, getattr(owner, name)) for _, owner, name, _ in patches]
 
@@ -167,7 +170,8 @@ def main() -> None:
         seconds["rollout"] - seconds["vector env step"] - seconds["policy in the rollout"]
     )
     rows = [
-        ("PPO update (forward, backward, Adam)", seconds["PPO update"]),
+        ("PPO update (forward, backward, Adam)", seconds["PPO update"] - seconds["state refresh"]),
+        ("stored-state refresh before epochs 2-4 (no gradient)", seconds["state refresh"]),
         ("vector env step (gymnasium + the env)", seconds["vector env step"]),
         ("policy forward passes in the rollout", seconds["policy in the rollout"]),
         ("rest of the rollout (sampling, buffer writes, conversions)", rollout_rest),

@@ -214,6 +214,7 @@ def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) 
         bptt_len=args.memrl_bptt_len,
         split_episodes=args.memrl_split_episodes,
         rnn_init=args.memrl_rnn_init,
+        refresh_states=args.memrl_refresh_states,
         epochs=EPOCHS,
         minibatch_steps=MINIBATCH,
         lr=args.lr,
@@ -339,6 +340,12 @@ def main() -> None:
         default="orthogonal",
         help="memrl's --rnn-init (pytorch: nn.LSTM's own, as sb3's LSTM)",
     )
+    parser.add_argument(
+        "--memrl-refresh-states",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="memrl's --refresh-states (its default; sb3 has no such setting)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
         "--out",
@@ -368,7 +375,7 @@ def main() -> None:
         f"lr {args.lr:g}{' annealed' if args.anneal_lr else ''}, CPU, "
         f"{torch.get_num_threads()} torch threads, sb3 policy {args.sb3_policy}, memrl "
         f"bptt {args.memrl_bptt_len}{' split at episodes' if args.memrl_split_episodes else ''} "
-        f"{args.memrl_rnn_init} init, "
+        f"{args.memrl_rnn_init} init{'' if args.memrl_refresh_states else ', no state refresh'}, "
         f"{len(plan)} runs; load average {load[0]:.2f} (the machine should be quiet)",
         flush=True,
     )

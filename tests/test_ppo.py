@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import gymnasium as gym
 import numpy as np
@@ -280,6 +281,29 @@ def test_refresh_states_recomputes_stored_states_with_current_weights(split):
     at_start = plan.t == 0
     assert torch.equal(after[at_start], before[0][at_start])  # the rollout's first state stays
     assert not torch.allclose(after[~at_start], before[0][~at_start])
+
+
+@pytest.mark.parametrize(("refresh", "expected"), [(True, 3), (False, 0)])
+def test_update_refreshes_stored_states_before_every_epoch_but_the_first(
+    refresh, expected, monkeypatch
+):
+    agent, buffer, _ = _rollout("gru")
+    buffer.compute_gae(torch.zeros(4), 0.99, 0.95)
+    agent.cfg = dataclasses.replace(agent.cfg, refresh_states=refresh)  # 4 epochs
+    calls = []
+    monkeypatch.setattr(buffer, "refresh_states", lambda policy: calls.append(policy))
+    agent.update(buffer, torch.Generator().manual_seed(0))
+    assert calls == [agent.policy] * expected
+
+
+def test_refresh_states_skips_a_memoryless_policy():
+    _, buffer, _ = _rollout("none")
+
+    def policy(*args):
+        raise AssertionError("a memoryless policy has no stored state to refresh")
+
+    buffer.refresh_states(policy)
+    assert buffer.states == ()
 
 
 def test_burn_in_rederives_start_states_with_current_weights():

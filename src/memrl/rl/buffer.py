@@ -129,6 +129,8 @@ class RolloutBuffer:
         """Recompute the stored states wherever a sequence (or its burn-in window) starts, with
         the current weights, unrolling the rollout from its first stored state (stale stored
         states are one source of PPO's recurrent off-policyness; R2D2 section 3)."""
+        if not self.states:  # a memoryless policy: nothing to refresh
+            return
         plan = self.plan()
         starts = set(plan.t.tolist())
         times = sorted(t for t in starts | {t - self.burn_in for t in starts} if t > 0)

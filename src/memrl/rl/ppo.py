@@ -97,9 +97,10 @@ class PPOConfig(RunOptions):
     burn_in: int = 0
     """R2D2 burn-in: re-derive each sequence's initial state by replaying the B steps before it
     (no gradient) from the state stored there; 0 <= B <= bptt_len."""
-    refresh_states: bool = False
+    refresh_states: bool = True
     """Before each epoch after the first, recompute the stored sequence-start states with the
-    current weights."""
+    current weights (PPO's new log-probs then condition on the new policy's memory of the
+    rollout, not on the rollout policy's)."""
     norm_adv: bool = True
     """Normalise advantages per minibatch."""
     norm_obs: bool = False
