@@ -130,18 +130,23 @@ class _RecurrentCore(Core):
             getattr(self.rnn, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         )
 
+    def _takes_fused_path(self, x: torch.Tensor) -> bool:
+        """Whether unrolling ``x`` (T, B, F) runs ``memrl.cores._fused_rnn``: a sequence of
+        more than one step, off CUDA, without layer norm."""
+        return not self.layer_norm and x.shape[0] > 1 and x.device.type != "cuda"
+
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
+        if self._takes_fused_path(x):
+            return _unroll_fused([self], [x], [state], is_first)[0]
         if x.shape[0] == 0:
             return x.new_zeros(0, x.shape[1], self.hidden_size), state
         if self.layer_norm:
             return self._unroll_layer_norm(x, state, is_first)
         if x.shape[0] == 1:  # a rollout step: PyTorch's cell, least overhead (fused on CUDA)
             return self._step_cells(x, state, is_first)
-        if x.device.type == "cuda":
-            return self._unroll_cudnn(x, state, is_first)
-        return _unroll_fused([self], [x], [state], is_first)[0]
+        return self._unroll_cudnn(x, state, is_first)  # CUDA
 
     def _step_cells(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
@@ -325,18 +330,12 @@ def unroll_together(
     for core, x, state in zip(cores, xs, states, strict=True):
         core._check(x, state, is_first, sequence=True)
     first = cores[0]
-    if (
-        isinstance(first, _RecurrentCore)
-        and not first.layer_norm
-        and xs[0].shape[0] > 1
-        and xs[0].device.type != "cuda"
-        and all(
-            type(core) is type(first)
-            and not core.layer_norm
-            and (core.input_size, core.hidden_size, core.num_layers)
-            == (first.input_size, first.hidden_size, first.num_layers)
-            for core in cores
-        )
+    if isinstance(first, _RecurrentCore) and all(
+        type(core) is type(first)
+        and core._takes_fused_path(x)
+        and (core.input_size, core.hidden_size, core.num_layers)
+        == (first.input_size, first.hidden_size, first.num_layers)
+        for core, x in zip(cores, xs, strict=True)
     ):
         return _unroll_fused(cores, xs, [tuple(s) for s in states], is_first)
     return [
