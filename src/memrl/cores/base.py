@@ -81,16 +81,17 @@ class Core(nn.Module, abc.ABC):
     def _check(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor, *, sequence: bool
     ) -> None:
+        # runs at every rollout step: the messages are built only when a check fails
         name = type(self).__name__
-        lead = "(T, B, " if sequence else "(B, "
-        want = lead + ", ".join(str(d) for d in self.feature_shape) + ")"
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: x must be a torch.Tensor of shape {want}, got {type(x)}")
         n_lead = 2 if sequence else 1
-        if x.dim() != n_lead + len(self.feature_shape) or tuple(x.shape[n_lead:]) != tuple(
-            self.feature_shape
-        ):
-            raise ValueError(f"{name}: x must have shape {want}, got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{name}: x must be a torch.Tensor of shape {self._want(sequence)}, got {type(x)}"
+            )
+        if x.dim() != n_lead + len(self.feature_shape) or x.shape[n_lead:] != self.feature_shape:
+            raise ValueError(
+                f"{name}: x must have shape {self._want(sequence)}, got {tuple(x.shape)}"
+            )
         ref = self._reference
         if ref is not None:
             if x.dtype != ref.dtype:
@@ -102,15 +103,15 @@ class Core(nn.Module, abc.ABC):
                 raise ValueError(
                     f"{name}: x is on {x.device} but the core's parameters are on {ref.device}"
                 )
-        lead_shape = tuple(x.shape[:n_lead])
+        lead_shape = x.shape[:n_lead]
         if not isinstance(is_first, torch.Tensor) or is_first.dtype != torch.bool:
             got = is_first.dtype if isinstance(is_first, torch.Tensor) else type(is_first)
             raise TypeError(
-                f"{name}: is_first must be a bool tensor of shape {lead_shape}, got {got}"
+                f"{name}: is_first must be a bool tensor of shape {tuple(lead_shape)}, got {got}"
             )
-        if tuple(is_first.shape) != lead_shape:
+        if is_first.shape != lead_shape:
             raise ValueError(
-                f"{name}: is_first must have shape {lead_shape} to match x, "
+                f"{name}: is_first must have shape {tuple(lead_shape)} to match x, "
                 f"got {tuple(is_first.shape)}"
             )
         if is_first.device != x.device:
@@ -123,12 +124,15 @@ class Core(nn.Module, abc.ABC):
                 f"{len(state) if isinstance(state, (tuple, list)) else '?'}"
             )
         for i, (s, shape) in enumerate(zip(state, self.state_shapes, strict=True)):
-            want_s = (batch, *shape)
-            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want_s:
+            if not isinstance(s, torch.Tensor) or s.shape != (batch, *shape):
                 got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-                raise ValueError(f"{name}: state[{i}] must have shape {want_s}, got {got}")
+                raise ValueError(f"{name}: state[{i}] must have shape {(batch, *shape)}, got {got}")
             if s.dtype != x.dtype or s.device != x.device:
                 raise ValueError(
                     f"{name}: state[{i}] is {s.dtype} on {s.device}, "
                     f"expected {x.dtype} on {x.device}"
                 )
+
+    def _want(self, sequence: bool) -> str:
+        """The expected shape of ``x``, for messages: ``(T, B, 64)`` or ``(B, 64)``."""
+        return ("(T, B, " if sequence else "(B, ") + ", ".join(map(str, self.feature_shape)) + ")"

@@ -162,7 +162,7 @@ class _RecurrentCore(Core):
                 layer_state = (torch.gru_cell(inp, layer_state[0], *self._layer_params(k)),)
             inp = layer_state[0]
             finals.append(layer_state)
-        return inp.unsqueeze(0), tuple(torch.stack(s, 1) for s in zip(*finals, strict=True))
+        return inp.unsqueeze(0), tuple(_stack(s, 1) for s in zip(*finals, strict=True))
 
     @abc.abstractmethod
     def _unroll_layer_norm(
@@ -282,9 +282,9 @@ class GRUCore(_RecurrentCore):
         return x, (torch.stack(hs, 1),)
 
 
-def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors)``; a view for one tensor."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def _stack(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.stack(tensors, dim)``; a view for one tensor."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
 
 
 def _unroll_fused(
