@@ -1,7 +1,8 @@
 """memrl ``ppo`` against sb3-contrib ``RecurrentPPO``: speed and final return, same settings.
 
     python benchmarks/ppo_vs_sb3.py [--envs popgym/RepeatPreviousEasy ...] [--total-steps 200000]
-        [--seeds 1] [--sb3-layouts default fast] [--threads 2] [--out benchmarks_ppo_vs_sb3.json]
+        [--seeds 1] [--first-seed 0] [--sb3-layouts default fast] [--threads 2]
+        [--out benchmarks_ppo_vs_sb3.json]
 
 Both run in this one process, one after the other (per seed the framework that goes first
 alternates), on CPU with the same torch thread count, with the settings of issue 4: 16 envs x
@@ -298,7 +299,13 @@ def main() -> None:
         default=200_000,
         help="env steps per run, rounded down to a multiple of 16 x 128",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 per env and layout")
+    parser.add_argument("--seeds", type=int, default=1, help="N seeds per env and layout")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds first .. first+N-1 (split a long comparison over processes)",
+    )
     parser.add_argument(
         "--sb3-layouts",
         nargs="+",
@@ -364,7 +371,7 @@ def main() -> None:
     plan = [
         (env_id, seed, layout, framework)
         for env_id in args.envs
-        for seed in range(args.seeds)
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
         for layout in layouts
         # alternate which framework goes first, so warm-up and drift hit both alike
         for framework in (("memrl", "sb3") if seed % 2 == 0 else ("sb3", "memrl"))
