@@ -375,6 +375,33 @@ def test_recurrent_init_pytorch_is_torchs_own():
         make_core("lstm", input_size=3, hidden_size=6, init="xavier")
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "pytorch"])
+def test_recurrent_reset_parameters_redraws_every_parameter(init):
+    """``reset_parameters`` re-draws input weights and layer norms too, not only the recurrent
+    weights and biases; the constructor's orthogonal init keeps ``nn.LSTM``'s input weights
+    (one draw, so a seed's weights stay what they were)."""
+    torch.manual_seed(3)
+    core = make_core("lstm", input_size=3, hidden_size=6, num_layers=2, layer_norm=True, init=init)
+    torch.manual_seed(3)
+    ref = torch.nn.LSTM(3, 6, 2)
+    if init == "pytorch":
+        ref.reset_parameters()
+    torch.testing.assert_close(core.rnn.weight_ih_l0, ref.weight_ih_l0, rtol=0, atol=0)
+    with torch.no_grad():
+        for p in core.parameters():
+            p.fill_(7.0)
+    core.reset_parameters()
+    for name, p in core.named_parameters():
+        assert (p != 7.0).all(), name
+    for k in range(2):
+        assert core.rnn.get_parameter(f"weight_ih_l{k}").abs().max() <= 6**-0.5
+        block = core.rnn.get_parameter(f"weight_hh_l{k}")[:6]
+        orthogonal = torch.allclose(block @ block.t(), torch.eye(6), atol=1e-6)
+        assert orthogonal == (init == "orthogonal")
+    for norm in core.norms[0].values():
+        torch.testing.assert_close(norm.weight, torch.ones_like(norm.weight))
+
+
 @pytest.mark.parametrize("name", [*ALL, "s4d"])
 def test_state_helpers_work_on_every_core(name):
     core = build(name, 4)

@@ -101,14 +101,24 @@ class _RecurrentCore(Core):
             )
             for _ in range(num_layers if layer_norm else 0)
         )
-        self.reset_parameters()
+        # nn.LSTM / nn.GRU drew every weight already: the orthogonal init only overwrites
+        # (so a seed gives the same weights as before reset_parameters re-drew them all)
+        self._init_weights(redraw=init == "pytorch")
 
     def reset_parameters(self) -> None:
-        """``init="orthogonal"``: orthogonal recurrent weights (per gate block), PyTorch's default
-        input weights, zero biases (the LSTM's forget-gate bias is 1). ``init="pytorch"``:
-        ``nn.LSTM``/``nn.GRU``'s own, every weight and bias uniform in +-1/sqrt(hidden_size)."""
-        if self.init == "pytorch":
+        """Re-draw every parameter. ``init="orthogonal"``: orthogonal recurrent weights (per gate
+        block), PyTorch's default input weights, zero biases (the LSTM's forget-gate bias is 1).
+        ``init="pytorch"``: ``nn.LSTM``/``nn.GRU``'s own, every weight and bias uniform in
+        +-1/sqrt(hidden_size). Layer norms back to scale 1, shift 0."""
+        self._init_weights(redraw=True)
+
+    def _init_weights(self, redraw: bool) -> None:
+        if redraw:
             self.rnn.reset_parameters()
+            for norm in self.norms.modules():
+                if isinstance(norm, nn.LayerNorm):
+                    norm.reset_parameters()
+        if self.init == "pytorch":
             return
         H = self.hidden_size
         for k in range(self.num_layers):
