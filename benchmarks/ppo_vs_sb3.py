@@ -1,8 +1,8 @@
 """memrl ``ppo`` against sb3-contrib ``RecurrentPPO``: speed and final return, same settings.
 
     python benchmarks/ppo_vs_sb3.py [--envs popgym/RepeatPreviousEasy ...] [--total-steps 200000]
-        [--seeds 1] [--first-seed 0] [--sb3-layouts default fast] [--threads 2]
-        [--out benchmarks_ppo_vs_sb3.json]
+        [--memrl-total-steps N] [--seeds 1] [--first-seed 0] [--sb3-layouts default fast]
+        [--threads 2] [--out benchmarks_ppo_vs_sb3.json]
 
 Both run in this one process, one after the other (per seed the framework that goes first
 alternates), on CPU with the same torch thread count, with the settings of issue 4: 16 envs x
@@ -30,7 +30,9 @@ exclude model construction and the final evaluation), and the final return: the 
 evaluation episodes with greedy actions (memrl: ``summary["final_eval_return"]``; sb3: the same
 procedure as memrl's ``evaluate``, 16 envs seeded ``seed + 10000``, ``model.predict`` with the
 LSTM state and episode starts carried, the first 32 episodes to finish). A markdown table goes
-to stdout, one JSON row per run to ``--out``.
+to stdout, one JSON row per run to ``--out``. ``--memrl-total-steps`` gives memrl another budget
+than sb3's ``--total-steps`` (e.g. about the steps it makes in sb3's wall time: what each learns
+in the same time).
 
 ``--sb3-policy stock`` instead runs sb3's MlpLstmPolicy as shipped (LSTM on the raw observation,
 net_arch pi=[64, 64], vf=[64, 64]) with only the LSTM size and layout set.
@@ -246,12 +248,15 @@ def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) 
     }
 
 
+KEYS = ("sps", "final_eval_return", "wall_seconds")  # the table's memrl / sb3 column pairs
+
+
 def table(rows: list[dict], layouts: list[str]) -> str:
     """One line per (env, layout, seed), plus a median line per (env, layout) over seeds."""
     out = [
         "| env | layout | seed | memrl steps/s | sb3 steps/s | speed memrl/sb3 "
-        "| memrl return | sb3 return |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| memrl return | sb3 return | memrl s | sb3 s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     envs = list(dict.fromkeys(r["env"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
@@ -266,19 +271,20 @@ def table(rows: list[dict], layouts: list[str]) -> str:
                 }
                 if len(pick) == 2:
                     pairs.append((seed, pick["memrl"], pick["sb3"]))
-            lines = [
-                (str(s), m["sps"], b["sps"], m["final_eval_return"], b["final_eval_return"])
-                for s, m, b in pairs
-            ]
+            lines = [(str(s), *(r[k] for k in KEYS for r in (m, b))) for s, m, b in pairs]
             if len(pairs) > 1:
                 lines.append(
                     ("median",)
-                    + tuple(statistics.median(line[i] for line in lines) for i in range(1, 5))
+                    + tuple(
+                        statistics.median(line[i] for line in lines)
+                        for i in range(1, 2 * len(KEYS) + 1)
+                    )
                 )
-            for seed, m_sps, b_sps, m_ret, b_ret in lines:
+            for seed, m_sps, b_sps, m_ret, b_ret, m_wall, b_wall in lines:
                 out.append(
                     f"| {env_id} | {layout} | {seed} | {m_sps:,.0f} | {b_sps:,.0f} | "
-                    f"{m_sps / b_sps:.1f}x | {m_ret:.3f} | {b_ret:.3f} |"
+                    f"{m_sps / b_sps:.1f}x | {m_ret:.3f} | {b_ret:.3f} | {m_wall:.0f} | "
+                    f"{b_wall:.0f} |"
                 )
     return "\n".join(out)
 
@@ -298,6 +304,12 @@ def main() -> None:
         type=int,
         default=200_000,
         help="env steps per run, rounded down to a multiple of 16 x 128",
+    )
+    parser.add_argument(
+        "--memrl-total-steps",
+        type=int,
+        default=None,
+        help="memrl's env steps per run, if not --total-steps (same rounding)",
     )
     parser.add_argument("--seeds", type=int, default=1, help="N seeds per env and layout")
     parser.add_argument(
@@ -367,6 +379,9 @@ def main() -> None:
     load = os.getloadavg()
     unit = NUM_ENVS * ROLLOUT_STEPS
     steps = max(1, args.total_steps // unit) * unit
+    memrl_steps = steps
+    if args.memrl_total_steps is not None:
+        memrl_steps = max(1, args.memrl_total_steps // unit) * unit
     layouts = [layout for layout in LAYOUTS if layout in args.sb3_layouts]
     plan = [
         (env_id, seed, layout, framework)
@@ -377,7 +392,8 @@ def main() -> None:
         for framework in (("memrl", "sb3") if seed % 2 == 0 else ("sb3", "memrl"))
     ]
     print(
-        f"memrl ppo vs sb3-contrib RecurrentPPO: {steps:,} steps per run, {NUM_ENVS} envs x "
+        f"memrl ppo vs sb3-contrib RecurrentPPO: {steps:,} steps per run"
+        f"{f' (memrl {memrl_steps:,})' if memrl_steps != steps else ''}, {NUM_ENVS} envs x "
         f"{ROLLOUT_STEPS} steps, LSTM {HIDDEN}, {EPOCHS} epochs, minibatch {MINIBATCH}, "
         f"lr {args.lr:g}{' annealed' if args.anneal_lr else ''}, CPU, "
         f"{torch.get_num_threads()} torch threads, sb3 policy {args.sb3_policy}, memrl "
@@ -393,7 +409,7 @@ def main() -> None:
             print(f"[{i}/{len(plan)}] {env_id} {name:13s} seed {seed}: ", end="", flush=True)
             loadavg_before = os.getloadavg()[0]
             if framework == "memrl":
-                result = run_memrl(env_id, layout, seed, steps, args, Path(tmp))
+                result = run_memrl(env_id, layout, seed, memrl_steps, args, Path(tmp))
             else:
                 result = run_sb3(env_id, layout, seed, steps, args)
             torch.set_num_threads(args.threads)  # in case a framework changed it
