@@ -32,7 +32,11 @@ procedure as memrl's ``evaluate``, 16 envs seeded ``seed + 10000``, ``model.pred
 LSTM state and episode starts carried, the first 32 episodes to finish). A markdown table goes
 to stdout, one JSON row per run to ``--out``. ``--memrl-total-steps`` gives memrl another budget
 than sb3's ``--total-steps`` (e.g. about the steps it makes in sb3's wall time: what each learns
-in the same time).
+in the same time). Each run's training curve (mean return of the episodes that ended in each
+rollout, against the loop's wall seconds) goes into its JSON row and into a plot next to
+``--out`` (``.png``): return against wall time, one line per run. memrl logs a rollout's returns
+after the update that follows it, sb3's point is placed when the rollout's last episode ended:
+sb3's curve sits up to one update to the left, to its advantage.
 
 ``--sb3-policy stock`` instead runs sb3's MlpLstmPolicy as shipped (LSTM on the raw observation,
 net_arch pi=[64, 64], vf=[64, 64]) with only the LSTM size and layout set.
@@ -66,6 +70,10 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # memrl's progress bar; one line per run instead
 
 import gymnasium as gym  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sb3_contrib import RecurrentPPO  # noqa: E402
@@ -191,10 +199,26 @@ def run_sb3(env_id: str, layout: str, seed: int, steps: int, args) -> dict:
         lr = args.lr
     model = sb3_model(env_id, layout, seed, lr, args.sb3_policy)
     venv = model.get_env()
-    start = time.perf_counter()
+    start, start_epoch = time.perf_counter(), time.time()
     model.learn(total_timesteps=steps, progress_bar=False)
     wall = time.perf_counter() - start
     venv.close()
+    # the curve memrl logs: per rollout (128 steps of every env), the mean return of the
+    # episodes that ended in it, at the wall second the last of them ended
+    by_rollout: dict[int, list[tuple[float, float]]] = {}
+    for monitor in venv.envs:
+        ends = np.cumsum(monitor.get_episode_lengths())
+        times = monitor.t_start + np.asarray(monitor.get_episode_times()) - start_epoch
+        for end, ret, t in zip(ends, monitor.get_episode_rewards(), times, strict=True):
+            by_rollout.setdefault(int(end - 1) // ROLLOUT_STEPS, []).append((t, ret))
+    curve = [
+        [
+            max(t for t, _ in eps),
+            (k + 1) * NUM_ENVS * ROLLOUT_STEPS,
+            float(np.mean([r for _, r in eps])),
+        ]
+        for k, eps in sorted(by_rollout.items())
+    ]
     final = sb3_evaluate(model, env_id, seed + EVAL_SEED_OFFSET)
     return {
         "total_steps": int(model.num_timesteps),
@@ -202,6 +226,7 @@ def run_sb3(env_id: str, layout: str, seed: int, steps: int, args) -> dict:
         "sps": model.num_timesteps / wall,
         "final_eval_return": final,
         "params": sum(p.numel() for p in model.policy.parameters()),
+        "curve": curve,
     }
 
 
@@ -235,6 +260,12 @@ def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) 
     )
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train_ppo(cfg)
+    logged = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").open()]
+    curve = [  # wall seconds of the loop as train_ppo counts them: step / sps
+        [r["step"] / r["sps"], r["step"], r["episode_return"]]
+        for r in logged
+        if "episode_return" in r
+    ]
     probe = make_env(env_id)  # the same network again, to count its parameters
     agent = PPOAgent(cfg, probe.observation_space, probe.action_space, torch.device("cpu"))
     probe.close()
@@ -245,6 +276,7 @@ def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) 
         "final_eval_return": summary["final_eval_return"],
         "mmer": summary["mmer"],
         "params": sum(p.numel() for p in agent.policy.parameters()),
+        "curve": curve,
     }
 
 
@@ -287,6 +319,31 @@ def table(rows: list[dict], layouts: list[str]) -> str:
                     f"{b_wall:.0f} |"
                 )
     return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Training return against wall seconds, one panel per (env, layout), one line per run."""
+    panels = list(dict.fromkeys((r["env"], r["layout"]) for r in rows))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, constrained_layout=True
+    )
+    for ax, (env_id, layout) in zip(axes[0], panels, strict=True):
+        for framework, color in (("memrl", "C0"), ("sb3", "C1")):
+            runs = [
+                r
+                for r in rows
+                if (r["env"], r["layout"], r["framework"]) == (env_id, layout, framework)
+            ]
+            for i, r in enumerate(runs):
+                t, _, ret = zip(*r["curve"], strict=True) if r["curve"] else ((), (), ())
+                label = f"{framework} ({r['total_steps']:,} steps)" if i == 0 else None
+                ax.plot(t, ret, color=color, alpha=0.7, lw=1, label=label)
+        ax.set(title=f"{env_id}, {layout} layout", xlabel="wall seconds of the training loop")
+        ax.set_ylabel("mean training episode return per rollout")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -432,7 +489,11 @@ def main() -> None:
             args.out.write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive
     print()
     print(table(rows, layouts))
-    print(f"\nrows written to {args.out}", file=sys.stderr)
+    plot(rows, args.out.with_suffix(".png"))
+    print(
+        f"\nrows written to {args.out}, curves plotted in {args.out.with_suffix('.png')}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":
