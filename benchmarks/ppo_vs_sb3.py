@@ -85,6 +85,7 @@ from torch import nn  # noqa: E402
 
 from memrl.envs import make_env, vector_env_seeds  # noqa: E402
 from memrl.rl.ppo import PPOAgent, PPOConfig, train_ppo  # noqa: E402
+from memrl.runs import read_metrics  # noqa: E402
 
 NUM_ENVS = 16
 ROLLOUT_STEPS = 128
@@ -260,10 +261,9 @@ def run_memrl(env_id: str, layout: str, seed: int, steps: int, args, tmp: Path) 
     )
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train_ppo(cfg)
-    logged = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").open()]
     curve = [  # wall seconds of the loop as train_ppo counts them: step / sps
         [r["step"] / r["sps"], r["step"], r["episode_return"]]
-        for r in logged
+        for r in read_metrics(cfg.output_dir / "metrics.jsonl")
         if "episode_return" in r
     ]
     probe = make_env(env_id)  # the same network again, to count its parameters
@@ -335,9 +335,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 if (r["env"], r["layout"], r["framework"]) == (env_id, layout, framework)
             ]
             for i, r in enumerate(runs):
-                t, _, ret = zip(*r["curve"], strict=True) if r["curve"] else ((), (), ())
                 label = f"{framework} ({r['total_steps']:,} steps)" if i == 0 else None
-                ax.plot(t, ret, color=color, alpha=0.7, lw=1, label=label)
+                seconds, returns = [c[0] for c in r["curve"]], [c[2] for c in r["curve"]]
+                ax.plot(seconds, returns, color=color, alpha=0.7, lw=1, label=label)
         ax.set(title=f"{env_id}, {layout} layout", xlabel="wall seconds of the training loop")
         ax.set_ylabel("mean training episode return per rollout")
         ax.grid(alpha=0.3)
@@ -435,10 +435,10 @@ def main() -> None:
     torch.set_flush_denormal(True)  # memrl's Run sets it too; set it up front for both
     load = os.getloadavg()
     unit = NUM_ENVS * ROLLOUT_STEPS
-    steps = max(1, args.total_steps // unit) * unit
-    memrl_steps = steps
-    if args.memrl_total_steps is not None:
-        memrl_steps = max(1, args.memrl_total_steps // unit) * unit
+    steps, memrl_steps = (
+        max(1, n // unit) * unit
+        for n in (args.total_steps, args.memrl_total_steps or args.total_steps)
+    )
     layouts = [layout for layout in LAYOUTS if layout in args.sb3_layouts]
     plan = [
         (env_id, seed, layout, framework)
