@@ -7,8 +7,11 @@ Runs ``train_ppo`` with the issue's benchmark settings (16 envs x 128 steps, hid
 epochs, minibatches of 512 steps) with wall-clock timers around its parts (no profiler: cProfile
 inflated the Python-heavy env step 2x here): stepping the vector env (gymnasium + the env), the
 policy's forward passes in the rollout, the rest of the rollout (sampling, buffer writes, tensor
-conversion), the PPO update (forward, backward, Adam), its refresh of the stored states and the
-rest (GAE, logging, checkpoints).
+conversion), the PPO update, its refresh of the stored states and the rest (GAE, logging,
+checkpoints). The update is split further into its forward passes, backward passes, gradient
+clip, Adam step and the rest (loss, minibatch slicing, logging); for the forward and backward
+passes, the share of the memory unroll itself (the fused CPU LSTM/GRU of ``memrl.cores``; 0 for
+other cores).
 One more update runs under ``torch.profiler`` to split the update into matrix products
 (``aten::mm``/``addmm``/``bmm``, with their achieved GFLOP/s) and everything else, next to this
 machine's matmul peak (one 2048 x 2048 product) at the same thread count. Last, the same vector
@@ -31,7 +34,9 @@ import torch  # noqa: E402
 from gymnasium.vector import SyncVectorEnv  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+import memrl.cores.rnn  # noqa: E402
 import memrl.rl.ppo as ppo  # noqa: E402
+from memrl.cores._fused_rnn import ResettableGRU, ResettableLSTM  # noqa: E402
 from memrl.envs import make_vector_env, vector_env_seeds  # noqa: E402
 from memrl.rl.buffer import RolloutBuffer  # noqa: E402
 from memrl.rl.policy import RecurrentActorCritic  # noqa: E402
@@ -41,36 +46,46 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 @contextlib.contextmanager
 def timers(seconds: dict[str, float]):
-    """Add the wall time of each patched call to ``seconds[label]``; the env step and the
-    policy's forward pass count only inside ``collect_rollout`` (not in the final evaluation)."""
-    inside = {"rollout": False}
+    """Add the wall time of each patched call to ``seconds[label]``. A patch with ``within``
+    counts only while that label's call runs and none of ``outside`` does: the env step and the
+    policy's rollout step only inside ``collect_rollout`` (not in the final evaluation), the
+    update's phases only inside ``update`` and outside its refresh of the stored states."""
+    active: set[str] = set()
+    in_update = ("PPO update", ("state refresh",))
     patches = (
-        ("vector env step", SyncVectorEnv, "step", True),
-        ("policy in the rollout", RecurrentActorCritic, "step", True),
-        ("rollout", ppo, "collect_rollout", False),
-        ("PPO update", ppo.PPOAgent, "update", False),
-        ("state refresh", RolloutBuffer, "refresh_states", False),
+        ("vector env step", SyncVectorEnv, "step", ("rollout", ())),
+        ("policy in the rollout", RecurrentActorCritic, "step", ("rollout", ())),
+        ("rollout", ppo, "collect_rollout", None),
+        ("PPO update", ppo.PPOAgent, "update", None),
+        ("state refresh", RolloutBuffer, "refresh_states", None),
+        ("update: forward", RecurrentActorCritic, "forward", in_update),
+        ("update: backward", torch.Tensor, "backward", in_update),
+        ("update: gradient clip", torch.nn.utils, "clip_grad_norm_", in_update),
+        ("update: Adam", torch.optim.Adam, "step", in_update),
+        ("update: memory unroll forward", memrl.cores.rnn, "_unroll_fused", in_update),
+        ("update: memory unroll backward", ResettableLSTM, "backward", in_update),
+        ("update: memory unroll backward", ResettableGRU, "backward", in_update),
     )
     originals = [(owner, name, getattr(owner, name)) for _, owner, name, _ in patches]
 
-    def timed(label, fn, rollout_only):
+    def timed(label, fn, context):
         def wrapper(*args, **kwargs):
-            if rollout_only and not inside["rollout"]:
-                return fn(*args, **kwargs)
-            if label == "rollout":
-                inside["rollout"] = True
+            if context is not None:
+                within, outside = context
+                if within not in active or active.intersection(outside):
+                    return fn(*args, **kwargs)
+            active.add(label)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 seconds[label] += time.perf_counter() - start
-                if label == "rollout":
-                    inside["rollout"] = False
+                active.discard(label)
 
         return wrapper
 
-    for label, owner, name, rollout_only in patches:
-        setattr(owner, name, timed(label, getattr(owner, name), rollout_only))
+    for label, owner, name, context in patches:
+        setattr(owner, name, timed(label, getattr(owner, name), context))
     try:
         yield
     finally:
@@ -169,8 +184,20 @@ def main() -> None:
     rollout_rest = (
         seconds["rollout"] - seconds["vector env step"] - seconds["policy in the rollout"]
     )
+    update = seconds["PPO update"] - seconds["state refresh"]
+    phases = ("forward", "backward", "gradient clip", "Adam")
     rows = [
-        ("PPO update (forward, backward, Adam)", seconds["PPO update"] - seconds["state refresh"]),
+        ("PPO update (forward, backward, Adam)", update),
+        ("- forward passes (encoders, memory, heads)", seconds["update: forward"]),
+        ("-- of which the memory unroll", seconds["update: memory unroll forward"]),
+        ("- backward passes", seconds["update: backward"]),
+        ("-- of which the memory unroll", seconds["update: memory unroll backward"]),
+        ("- gradient-norm clip", seconds["update: gradient clip"]),
+        ("- Adam", seconds["update: Adam"]),
+        (
+            "- the rest: loss, minibatch slicing, logging",
+            update - sum(seconds[f"update: {phase}"] for phase in phases),
+        ),
         ("stored-state refresh before epochs 2-4 (no gradient)", seconds["state refresh"]),
         ("vector env step (gymnasium + the env)", seconds["vector env step"]),
         ("policy forward passes in the rollout", seconds["policy in the rollout"]),
