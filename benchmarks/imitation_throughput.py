@@ -18,19 +18,28 @@ import time
 
 import torch
 
+from memrl.data import Batch
 from memrl.imitation.act import ACTConfig, ACTPolicy, act_loss
 from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy, bc_loss
 
 
-def bc_batch(batch: int) -> tuple[torch.Tensor, ...]:
-    images = torch.randint(0, 256, (1, batch, 3, 84, 84), dtype=torch.uint8)
-    return images, torch.randn(1, batch, 3), torch.rand(1, batch, 3), torch.ones(1, batch).bool()
+def bc_batch(batch: int) -> Batch:
+    return Batch(
+        images=torch.randint(0, 256, (1, batch, 3, 84, 84), dtype=torch.uint8),
+        states=torch.randn(1, batch, 3),
+        actions=torch.rand(1, batch, 3),
+        is_first=torch.ones(1, batch, dtype=torch.bool),
+    )
 
 
-def act_batch(batch: int, chunk: int) -> tuple[torch.Tensor, ...]:
-    images = torch.randint(0, 256, (1, batch, 3, 84, 84), dtype=torch.uint8)
-    valid = torch.ones(chunk, batch, dtype=torch.bool)
-    return images, torch.randn(1, batch, 3), torch.rand(chunk, batch, 3), valid
+def act_batch(batch: int, chunk: int) -> Batch:
+    return Batch(
+        images=torch.randint(0, 256, (1, batch, 3, 84, 84), dtype=torch.uint8),
+        states=torch.randn(1, batch, 3),
+        actions=torch.rand(chunk, batch, 3),
+        is_first=torch.ones(1, batch, dtype=torch.bool),
+        valid=torch.ones(chunk, batch, dtype=torch.bool),
+    )
 
 
 def step_seconds(policy, loss_fn, batch, bf16: bool, steps: int) -> float:

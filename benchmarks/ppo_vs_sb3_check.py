@@ -41,11 +41,11 @@ from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.logger import configure
 
 from memrl.envs import make_vector_env, vector_env_seeds
+from memrl.rl import PPOAgent, PPOConfig
 from memrl.rl.buffer import RolloutBuffer
 from memrl.rl.distributions import MaskedCategorical
-from memrl.rl.evaluate import EpisodeTracker
 from memrl.rl.normalize import RewardScaler
-from memrl.rl.ppo import Carry, PPOAgent, PPOConfig, collect_rollout
+from memrl.rl.rollout import Carry, EpisodeTracker, collect_rollout
 
 CPU = torch.device("cpu")
 # sb3 parameter name prefix -> memrl's (with share_features_extractor=False, sb3 registers the

@@ -25,7 +25,7 @@ step, sequences/s (batch size / step time) and memrl / torchrl in sequences/s. T
 is printed first: run it on a quiet machine (on 2 cores with another job busy, ``--threads 2``
 ran a tiny case over 100x slower than ``--threads 1``, both frameworks alike).
 
-Identical on both sides: the encoder and decoder (fresh ``memrl`` ``CNNEncoder(32, channels)``
+Identical on both sides: the encoder and decoder (fresh ``memrl`` ``CNNEncoder(channels)``
 and ``CNNDecoder(deter + stoch, channels)`` instances), all sizes (GRU input ``hidden``, belief
 ``deter``, Gaussian state ``stoch``, prior and posterior MLPs of width ``hidden``; the parameter
 counts are equal), one GRU step (``torch.gru_cell`` in both), one prior and one posterior per
@@ -103,7 +103,7 @@ class TorchRLWorldModel(nn.Module):
         if plain:
             self.encoder, self.decoder = plain_vision(deter, stoch, channels)
         else:
-            self.encoder = CNNEncoder(GRID, channels)
+            self.encoder = CNNEncoder(channels)
             self.decoder = CNNDecoder(deter + stoch, channels)
         embed_size = channels[-1] * 16
         action_spec = Bounded(-1.0, 1.0, shape=(ACTION_DIM,))

@@ -1,10 +1,11 @@
-"""Seed 002's A/B: PPO with a feed-forward policy (--core none) vs LSTM vs GRU on the seed-lifecycle
-task (memrl/SeedLifecycle), same budget, several seeds; prints a markdown table.
+"""The Tamiyo recurrence spec's A/B: PPO with a feed-forward policy (--core none) vs LSTM vs
+GRU on the seed-lifecycle task (memrl/SeedLifecycle), same budget, several seeds; prints a
+markdown table.
 
 Columns (greedy evaluation over --episodes episodes after training; mean +- std over seeds):
 final host validation accuracy, episode reward, parameters added by live seeds, cull precision
 (share of the agent's culls whose seed had a counterfactual contribution <= 0 when culled,
-pooled over seeds), fossilisations per episode, and seed 002's temporal-awareness ablation:
+pooled over seeds), fossilisations per episode, and the spec's temporal-awareness ablation:
 the episode reward when the policy's memory is reset every K steps (memrl.rl.evaluate's
 reset_every; a policy that uses its memory loses reward at small K, --core none cannot). A
 "wait (no seeds)" row is the host trained alone, for scale.

@@ -1,4 +1,5 @@
-"""Latency of spatial memory at inference on the CPU, batch 1 (seed 000's real-time concern).
+"""Latency of spatial memory at inference on the CPU, batch 1 (the spatial-memory spec's
+real-time concern).
 
 Rows: one step of memrl's ConvGRU core on a 128 x 14 x 14 map; the same step with FiLM
 conditioning (``SpatialMemory``); ConvLSTM and S4D steps for comparison; the frozen encoders

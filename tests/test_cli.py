@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memrl.cli import main
+from memrl.cli import COMMANDS, main
 from memrl.recall import RecallConfig
 from memrl.runs import load_checkpoint, load_config, read_metrics
 
@@ -75,6 +78,30 @@ def test_help_documents_every_flag():
     ]:
         assert flag in result.stdout and doc in result.stdout
     assert "recall" in memrl("--help").stdout
+
+
+def test_top_level_help_describes_every_command_and_version_is_the_package_version():
+    listing = memrl("--help").stdout
+    for command, spec in COMMANDS.items():
+        assert f"  {command}" in listing and spec[3] in " ".join(listing.split())
+    result = memrl("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"memrl {importlib.metadata.version('memrl')}"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_flag_of_every_command_shows_its_default(command, capsys):
+    """One flag vocabulary: every flag shows its default (never an empty "(default: )"), and
+    every command that runs a model takes --device auto|cpu|cuda|mps."""
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    flags = re.findall(r"^(?:│ |  )(--[a-z][\w.-]*)", out, re.M)  # boxed when on a terminal
+    assert len(flags) >= 4 and out.count("(default:") == len(flags), out
+    assert "(default: )" not in " ".join(out.split())  # tyro wraps long lines
+    if command != "push-collect":
+        assert "--device {auto,cpu,cuda,mps}" in out
 
 
 def test_config_file_with_flags_overriding(tmp_path):
@@ -156,3 +183,40 @@ def test_killed_run_resumes_bit_identical(tmp_path):
         assert torch.equal(a[key], b[key]), key
     steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 1000  # no duplicated log steps
+
+
+def test_a_later_command_never_corrupts_an_earlier_run(tmp_path):
+    """--config of a resumed run starts a new run; a --resume that would change the model is
+    refused before anything is touched; an allowed one (--steps) continues the run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["recall", *FAST, "--output-dir", str(a)]) == 0
+    saved = (a / "config.yaml").read_text()
+    assert main(["recall", "--resume", str(a), "--steps", "32"]) == 0
+    assert read_metrics(a / "metrics.jsonl")[-1]["step"] == 32
+    result = memrl("recall", "--config", str(a / "config.yaml"), "--core", "lstm",
+                   "--output-dir", str(b))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert load_config(RecallConfig, b / "config.yaml").core == "lstm"
+    for flag, value in (("--hidden-size", "64"), ("--core", "lstm")):
+        result = memrl("recall", "--resume", str(a), flag, value, "--steps", "64")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"--resume {a}: {flag} would change the run's model or data" in result.stderr
+    assert (a / "config.yaml").read_text() == saved
+    assert load_checkpoint(a / "checkpoints/last.pt")["step"] == 32
+
+
+def test_a_resume_with_its_budget_spent_says_so(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["recall", *FAST, "--output-dir", str(run)]) == 0
+    assert main(["recall", "--resume", str(run)]) == 2
+    assert "already at step 24" in capsys.readouterr().err
+    assert main(["recall", "--resume", str(run), "--steps", "16"]) == 2
+    assert load_checkpoint(run / "checkpoints/last.pt")["step"] == 24
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["recall"], ["ppo", "--total-steps", "64"]])
+def test_a_missing_device_is_one_line_and_exit_2(command, tmp_path):
+    result = memrl(*command, "--device", "cuda", "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--device cuda: this machine has no CUDA device" in result.stderr

@@ -1,11 +1,13 @@
 """Cores gru, lstm, none, conv_gru, conv_lstm: the unroll, the step loop and an independent
-step-by-step reference (PyTorch's own cells, or the seed's concatenated-[h, x] convolutions) agree
-on outputs, final states and gradients for random reset patterns; resets are exact; the state
-helpers work on every core (s4d included); bad inputs fail with messages that name them."""
+step-by-step reference (PyTorch's own cells, or the spatial-memory spec's concatenated-[h, x]
+convolutions) agree on outputs, final states and gradients for random reset patterns; resets are
+exact; the state helpers work on every core (s4d included); bad inputs fail with messages that
+name them."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import pytest
@@ -58,7 +60,7 @@ def core_name(core) -> str:
 
 
 def reference(core, x, state, is_first):
-    """Step-major loop over PyTorch's cells / the seed's equations, masking the state explicitly."""
+    """Step-major loop over PyTorch's cells / the spec's equations, masking the state explicitly."""
     if core_name(core) == "none":
         for k in range(core.num_layers):
             lin = core.mlp[2 * k]
@@ -91,7 +93,7 @@ def reference_cell(core, k, x, state):
             return [torch.gru_cell(x, state[0], w_ih, w_hh, b_ih, b_hh)]
         return list(torch.lstm_cell(x, tuple(state), w_ih, w_hh, b_ih, b_hh))
     K, x_conv = core.hidden_channels, core.x_convs[k]
-    if name == "conv_gru":  # seed 000: every gate is one convolution of [h, x]
+    if name == "conv_gru":  # the spatial-memory spec: every gate is one convolution of [h, x]
         (h,) = state
         w_zr = torch.cat([core.h_convs_zr[k].weight, x_conv.weight[: 2 * K]], 1)
         zr = torch.sigmoid(
@@ -471,3 +473,103 @@ def test_make_core_errors_name_the_bad_value():
         make_core("lstm", input_size=2, hidden_size=0)
     with pytest.raises(ValueError, match="spatial_size.*got \\(4, 0\\)"):
         make_core("conv_gru", input_channels=2, hidden_channels=3, spatial_size=(4, 0))
+
+
+# -- the conv cores' gate hook ---------------------------------------------------------------------
+def scale_shift_hook(core, T: int, B: int, seed: int):
+    """A GateHook scaling and shifting every gate pre-activation by its own random (t, b,
+    channel) factors, the layers' gates side by side as in FiLM."""
+    gen = torch.Generator().manual_seed(seed)
+    width = core.gate_channels
+    shape = (T, B, core.num_layers * width, 1, 1)
+    scale = 1 + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    shift = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def hook(pre, layer, t, gates):
+        lo, hi = layer * width + gates.start, layer * width + gates.stop
+        return scale[t, :, lo:hi] * pre + shift[t, :, lo:hi]
+
+    return hook
+
+
+def hooked_reference(core, x, state, is_first, hook):
+    """The spec's concatenated-[h, x] equations, step-major, the hook between each gate's
+    convolution and its nonlinearity."""
+    K = core.hidden_channels
+    keep = (~is_first).to(x.dtype)
+    layers = [[s[:, k] for s in state] for k in range(core.num_layers)]
+    ys = []
+    for t in range(x.shape[0]):
+        inp = x[t]
+        for k in range(core.num_layers):
+            h, *c = (s * keep[t].view(-1, 1, 1, 1) for s in layers[k])
+            x_conv, hx = core.x_convs[k], torch.cat([h, inp], 1)
+            if core_name(core) == "conv_gru":
+                w_zr = torch.cat([core.h_convs_zr[k].weight, x_conv.weight[: 2 * K]], 1)
+                zr = F.conv2d(hx, w_zr, x_conv.bias[: 2 * K], padding="same")
+                z, r = torch.sigmoid(hook(zr, k, t, slice(0, 2 * K))).chunk(2, 1)
+                w_n = torch.cat([core.h_convs_n[k].weight, x_conv.weight[2 * K :]], 1)
+                n = F.conv2d(torch.cat([r * h, inp], 1), w_n, x_conv.bias[2 * K :], padding="same")
+                layers[k] = [(1 - z) * h + z * torch.tanh(hook(n, k, t, slice(2 * K, 3 * K)))]
+            else:
+                w = torch.cat([core.h_convs[k].weight, x_conv.weight], 1)
+                pre = hook(F.conv2d(hx, w, x_conv.bias, padding="same"), k, t, slice(0, 4 * K))
+                i, f, g, o = pre.chunk(4, 1)
+                c = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
+                layers[k] = [torch.sigmoid(o) * torch.tanh(c), c]
+            inp = layers[k][0]
+        ys.append(inp)
+    return torch.stack(ys), tuple(
+        torch.stack([lay[i] for lay in layers], 1) for i in range(len(core.state_shapes))
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases(CONV))
+def test_conv_gate_hook_unroll_matches_step_loop_and_reference(case):
+    """The hook acts on the gate pre-activations; the fast unroll (x half of every convolution
+    over all steps at once), the step loop and the reference agree with it, resets included."""
+    name, kwargs, (T, B), p_reset, seed = case
+    core = build(name, seed, **kwargs)
+    x, state, is_first = inputs(core, T, B, seed, p_reset)
+    hook = scale_shift_hook(core, T, B, seed)
+
+    def stepped(core, x, state, is_first):
+        ys = []
+        for t in range(x.shape[0]):  # core.step calls its hook with t = 0: pass step t's
+            y, state = core.step(x[t], state, is_first[t], gate_hook=functools.partial(at, t))
+            ys.append(y)
+        return torch.stack(ys), state
+
+    def at(t, pre, layer, _, gates):
+        return hook(pre, layer, t, gates)
+
+    want = outputs_and_grads(core, x, state, is_first, lambda *a: hooked_reference(*a, hook=hook))
+    got = outputs_and_grads(core, x, state, is_first, lambda c, *a: c(*a, gate_hook=hook))
+    assert_all_close(got, want, f"{name} hooked unroll vs reference")
+    assert_all_close(outputs_and_grads(core, x, state, is_first, stepped), want, "step loop")
+
+
+@pytest.mark.parametrize("name", CONV)
+def test_conv_identity_gate_hook_is_the_plain_core_and_calls_are_as_documented(name):
+    core = build(name, 0, num_layers=2)
+    x, state, is_first = inputs(core, 3, 2, 0, 0.3)
+    calls = []
+
+    def identity(pre, layer, t, gates):
+        calls.append((layer, t, gates.start, gates.stop, pre.shape[1]))
+        return pre
+
+    y, final = core(x, state, is_first, gate_hook=identity)
+    plain_y, plain_final = core(x, state, is_first)
+    assert torch.equal(y, plain_y) and all(map(torch.equal, final, plain_final))
+    K = core.hidden_channels
+    per_step = [(0, 2 * K), (2 * K, 3 * K)] if name == "conv_gru" else [(0, 4 * K)]
+    assert core.gate_channels == per_step[-1][1]
+    # layer by layer, each over the whole sequence (the x half of a layer runs once)
+    assert calls == [
+        (k, t, lo, hi, hi - lo) for k in range(2) for t in range(3) for lo, hi in per_step
+    ]
+    calls.clear()
+    core.step(x[0], state, is_first[0], gate_hook=identity)
+    assert {t for _, t, *_ in calls} == {0}

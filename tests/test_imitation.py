@@ -1,5 +1,6 @@
-"""Behaviour cloning (seed 003): action codings, the weighted loss, backbones, the GRU policy's
-state, a short training run and evaluation on the push task."""
+"""Behaviour cloning and ACT (the visuomotor imitation spec): action codings, the weighted loss,
+backbones, the GRU policy's state, ACT's chunks, short training runs and evaluation on the push
+task."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from memrl.imitation.codings import (
     spherical_to_cartesian,
 )
 from memrl.imitation.evaluate import ChunkController
-from memrl.imitation.trainer import Demos, random_shift
+from memrl.imitation.trainer import random_shift
 from memrl.nn.backbones import make_backbone
 from memrl.nn.losses import weighted_huber
 
@@ -74,7 +75,7 @@ def test_backbones_give_their_documented_feature_size(name, pool, dim):
     with torch.no_grad():
         features = backbone(images)
     assert backbone.feature_dim == dim and features.shape == (2, dim)
-    if name == "cnn":  # seed 003's listed shapes
+    if name == "cnn":  # the spec's listed shapes
         x = torch.zeros(1, 3, 84, 84)
         shapes = []
         for layer in backbone.net:
@@ -136,7 +137,10 @@ def test_short_bc_run_lowers_validation_loss_and_evaluates(demos, tmp_path, extr
     )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert min(r["val_loss"] for r in records[1:]) < records[0]["val_loss"]
-    assert main(["imitation-eval", str(run), "--episodes", "2", "--videos", "1"]) == 0
+    assert (
+        main(["imitation-eval", str(run), "--episodes", "2", "--videos", "1", "--device", "cpu"])
+        == 0
+    )
     result = json.loads((run / "eval.json").read_text())
     assert 0.0 <= result["success_rate"] <= 1.0 and result["episodes"] == 2
     assert len(result["results"]) == 2 and result["results"][0]["seed"] == 1000
@@ -151,6 +155,10 @@ def test_missing_dataset_and_run_are_clear_errors(tmp_path, capsys):
     assert "none.hdf5 does not exist" in capsys.readouterr().err
     assert main(["imitation-eval", str(tmp_path)]) == 2
     assert "holds no policy.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["imitation-eval", str(tmp_path), "--device", "banana"])
+    assert exit_.value.code == 2
+    assert "invalid choice 'banana' for argument '--device'" in capsys.readouterr().err
 
 
 def test_huber_matches_torch_for_small_differences():
@@ -182,23 +190,6 @@ def test_sinusoidal_positions_match_the_formula():
     angle = pos / 10000 ** (2 * i / 8)
     assert table[pos, 2 * i] == pytest.approx(math.sin(angle), abs=1e-6)
     assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
-
-
-def test_act_samples_repeat_the_first_frame_and_mask_past_the_end():
-    lengths = torch.tensor([3, 4])
-    n = int(lengths.sum())
-    demos = Demos(
-        images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2),
-        states=torch.arange(n, dtype=torch.float32)[:, None].expand(n, 3),
-        actions=torch.arange(n, dtype=torch.float32)[:, None].expand(n, 3),
-        starts=torch.tensor([0, 3]),
-        lengths=lengths,
-    )
-    images, states, actions, valid = demos.chunks(torch.tensor([1, 4]), horizon=3, chunk=4)
-    assert images[:, :, 0, 0, 0].T.tolist() == [[0, 0, 1], [3, 3, 4]]
-    assert states[:, :, 0].T.tolist() == [[0, 0, 1], [3, 3, 4]]
-    assert valid.T.tolist() == [[True, True, False, False], [True, True, True, False]]
-    assert actions[:, :, 0].T.tolist() == [[1, 2, 2, 2], [4, 5, 6, 6]]
 
 
 class CountingACT(torch.nn.Module):

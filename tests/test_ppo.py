@@ -1,9 +1,12 @@
-"""Recurrent PPO: stored state, resets inside sequences, learning a memory task, resume."""
+"""Recurrent PPO: stored state, resets inside sequences, the loss, learning a memory task, resume,
+evaluation."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -14,10 +17,11 @@ from gymnasium import spaces
 from memrl.cli import main
 from memrl.cores import select_state
 from memrl.envs import make_vector_env
-from memrl.rl.buffer import RolloutBuffer
-from memrl.rl.evaluate import EpisodeTracker, PPOEvalConfig, run_ppo_eval
+from memrl.rl import PPOAgent, PPOConfig, action_head, make_distribution, ppo_loss, train_ppo
+from memrl.rl.buffer import RolloutBuffer, SequenceBatch
+from memrl.rl.evaluate import PPOEvalConfig, run_ppo_eval
 from memrl.rl.normalize import RewardScaler
-from memrl.rl.ppo import Carry, PPOAgent, PPOConfig, collect_rollout, train_ppo
+from memrl.rl.rollout import Carry, EpisodeTracker, collect_rollout
 from memrl.runs import load_checkpoint, read_metrics
 
 
@@ -214,7 +218,7 @@ def test_memory_solves_repeat_two_back_and_feed_forward_does_not(tmp_path):
     assert results["gru"] > 0.9, results
     assert results["lstm"] > 0.9, results
     assert results["none"] < 0.7, results
-    # seed 002's ablation: wiping the memory every step makes the trained GRU forget the bits
+    # the Tamiyo recurrence spec's ablation: wiping the memory every step, the GRU forgets the bits
     ablation = run_ppo_eval(PPOEvalConfig(tmp_path / "gru", episodes=32, reset_every=(1, 64)))
     assert ablation["return_vs_reset_every"]["1"] < ablation["return"] - 0.2, ablation
     assert (tmp_path / "gru" / "eval.json").is_file()
@@ -359,3 +363,90 @@ def test_rnn_init_reaches_every_core_of_the_policy(separate_critic):
             orthogonal = torch.allclose(block @ block.t(), torch.eye(8), atol=1e-5)
             assert orthogonal == (init == "orthogonal")
             assert bool(core.rnn.bias_hh_l0.eq(0).all()) == (init == "orthogonal")
+
+
+def test_ppo_loss_is_the_clipped_surrogate_the_half_value_error_and_the_entropy_bonus():
+    """On a tiny batch (3 steps x 2 sequences, the last step of one padding) ``ppo_loss`` is
+    PPO's loss computed by hand from the five real steps: the clipped surrogate on normalised
+    advantages, plus 0.5 * vf_coef * the squared value error, minus ent_coef * the entropy."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 3)
+    actions = torch.randint(0, 3, (3, 2, 1))
+    new_log_probs = logits.log_softmax(-1).gather(-1, actions)[..., 0]
+    # ratios exp(-offset): 0.61, 1.65, 0.95, 0.74, 1.11; the clip (0.8, 1.2) bites on three
+    offsets = torch.tensor([[0.5, -0.5], [0.05, 0.3], [-0.1, 9.0]])
+    valid = torch.tensor([[True, True], [True, True], [True, False]])
+    mb = SequenceBatch(
+        obs=torch.zeros(3, 2, 1),
+        is_first=torch.zeros(3, 2, dtype=torch.bool),
+        actions=actions,
+        masks=None,
+        log_probs=new_log_probs + offsets,
+        values=torch.randn(3, 2),
+        advantages=torch.randn(3, 2),
+        returns=torch.randn(3, 2),
+        state=(),
+        valid=valid,
+    )
+    mb.advantages[2, 1] = mb.returns[2, 1] = 1e3  # padding: must count nowhere
+    values = torch.randn(3, 2)
+    cfg = PPOConfig(clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+    dist = make_distribution(action_head(spaces.Discrete(3)), logits, None)
+    loss, stats = ppo_loss(dist, values, mb, cfg)
+
+    rows = [(t, s) for t in range(3) for s in range(2) if valid[t, s]]
+    n = len(rows)
+    adv = [float(mb.advantages[r]) for r in rows]
+    mean = sum(adv) / n
+    std = math.sqrt(sum((a - mean) ** 2 for a in adv) / (n - 1))
+    adv = [(a - mean) / (std + 1e-8) for a in adv]
+    ratio = [math.exp(-float(offsets[r])) for r in rows]
+    clipped = [min(max(q, 0.8), 1.2) for q in ratio]
+    surrogate = sum(max(-a * q, -a * c) for a, q, c in zip(adv, ratio, clipped, strict=True)) / n
+    value = 0.5 * sum((float(values[r]) - float(mb.returns[r])) ** 2 for r in rows) / n
+    probs = [logits[r].softmax(-1).tolist() for r in rows]
+    entropy = sum(-sum(p * math.log(p) for p in dist_r) for dist_r in probs) / n
+    assert float(loss) == pytest.approx(surrogate + 0.5 * value - 0.01 * entropy, rel=1e-5)
+    assert float(stats["loss/policy"]) == pytest.approx(surrogate, rel=1e-5)
+    assert float(stats["loss/value"]) == pytest.approx(value, rel=1e-5)
+    assert float(stats["loss/entropy"]) == pytest.approx(entropy, rel=1e-5)
+    assert float(stats["clipfrac"]) == pytest.approx(3 / 5)
+    kl = sum((q - 1) - math.log(q) for q in ratio) / n
+    assert float(stats["approx_kl"]) == pytest.approx(kl, rel=1e-5)
+
+
+def test_ppo_eval_takes_the_device_flag_every_trainer_takes(tmp_path, capsys):
+    out = tmp_path / "run"
+    train = ["--env", ENV, "--num-envs", "2", "--rollout-steps", "16", "--bptt-len", "8"]
+    train += ["--hidden-size", "8", "--total-steps", "32", "--eval-episodes", "2"]
+    assert main(["ppo", *train, "--device", "cpu", "--output-dir", str(out)]) == 0
+    assert main(["ppo-eval", str(out), "--device", "cpu", "--episodes", "2"]) == 0
+    assert json.loads((out / "eval.json").read_text())["episodes"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["ppo-eval", str(out), "--device", "banana"])
+    assert exit_.value.code == 2
+    assert "banana" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ppo-eval", "--help"])
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--device {auto,cpu,cuda,mps}" in text and "(default: auto)" in text
+    assert "(default: no forced reset)" in text and "(default: )" not in text
+
+
+def test_a_resume_counts_environment_steps_or_refuses(tmp_path, capsys):
+    """Resuming with another --num-envs would count updates, not steps: it is refused, as is a
+    --total-steps the run has already reached, before anything is touched."""
+    run = tmp_path / "r"
+    args = ["--device", "cpu", "--num-envs", "4", "--rollout-steps", "32", "--hidden-size", "16"]
+    assert main(["ppo", *args, "--total-steps", "256", "--eval-episodes", "1",
+                 "--output-dir", str(run)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["ppo", "--resume", str(run), "--num-envs", "8", "--total-steps", "1024"]) == 2
+    assert "--num-envs would change the run's model or data" in capsys.readouterr().err
+    assert main(["ppo", "--resume", str(run), "--total-steps", "200"]) == 2
+    assert "already at step 256" in capsys.readouterr().err
+    assert main(["ppo", "--resume", str(run), "--total-steps", "512"]) == 0
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == [128, 256, 384, 512]
+    assert json.loads((run / "summary.json").read_text())["total_steps"] == 512

@@ -1,4 +1,5 @@
-"""The push task (seed 003): environment, scripted expert, HDF5 demonstrations, push-collect."""
+"""The push task (the visuomotor imitation spec): environment, scripted expert, HDF5
+demonstrations, push-collect."""
 
 from __future__ import annotations
 
@@ -309,3 +310,32 @@ def test_push_collect_rejects_bad_values(tmp_path, capsys, flag, value, message)
     assert status == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.hdf5").exists()
+
+
+@pytest.mark.parametrize("where", ["dir", "/proc/memrl-push.hdf5", "file/x.hdf5"])
+def test_push_collect_checks_its_output_before_collecting(tmp_path, capsys, monkeypatch, where):
+    """An output that cannot be written is refused before any episode runs, not after."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    output = where if where.startswith("/") else str(tmp_path / where)
+
+    def never(*args, **kwargs):
+        raise AssertionError("an episode ran before the output path was checked")
+
+    monkeypatch.setattr("memrl.imitation.collect.rollout_expert", never)
+    assert main(["push-collect", "--workers", "1", "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {output}" in err and "Traceback" not in err
+
+
+def test_push_collect_runs_with_progress_bars_disabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # a disabled bar counts nothing: n stays 0
+    output = tmp_path / "push.hdf5"
+    assert main(["push-collect", "--episodes", "1", "--workers", "1", "--output", str(output)]) == 0
+    assert read_demos(output)[1]["num_episodes"] == 1
+
+
+def test_push_collect_help_says_output_is_a_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["push-collect", "--help"])
+    assert "HDF5 file to write" in capsys.readouterr().out

@@ -110,7 +110,13 @@ def test_kill_while_writing_keeps_previous_checkpoint(tmp_path):
 def test_config_roundtrip_and_errors(tmp_path):
     cfg = ToyConfig(lr=0.5, mode="b", inner=Inner(widths=(8, 16, 4)), output_dir=Path("x/y"))
     save_config(cfg, tmp_path / "config.yaml")
-    assert load_config(ToyConfig, tmp_path / "config.yaml") == cfg
+    # a saved config never names its run directory: --config of it starts a new run
+    assert load_config(ToyConfig, tmp_path / "config.yaml") == dataclasses.replace(
+        cfg, output_dir=None
+    )
+    (tmp_path / "old.yaml").write_text("lr: 0.2\noutput_dir: runs/a\nresume: runs/a\n")
+    old = load_config(ToyConfig, tmp_path / "old.yaml")
+    assert (old.lr, old.output_dir, old.resume) == (0.2, None, None)
 
     (tmp_path / "bad.yaml").write_text("lr: 0.1\nlearning_rate: 3\n")
     with pytest.raises(ConfigError, match="learning_rate"):
@@ -133,14 +139,14 @@ def test_run_directory_holds_the_documented_files(tmp_path):
     for step in range(1, 4):
         run.log(step, {"loss": 1.0 / step})
     run.save(3, {"model": {"w": torch.ones(2)}})
-    run.finish()
+    assert run.finish({"loss": 1 / 3, "best": -float("inf")})
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "plots"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert (tmp_path / "run/checkpoints/last.pt").is_file()
     assert (tmp_path / "run/plots/metrics.png").stat().st_size > 1000
     assert [r["loss"] for r in read_metrics(tmp_path / "run/metrics.jsonl")] == [1.0, 0.5, 1 / 3]
-    assert load_config(ToyConfig, tmp_path / "run/config.yaml").output_dir == tmp_path / "run"
+    assert json.loads((tmp_path / "run/summary.json").read_text()) == {"loss": 1 / 3, "best": None}
 
     with pytest.raises(ConfigError, match="already holds a run"):
         Run("toy", ToyConfig(output_dir=tmp_path / "run", device="cpu"))
@@ -170,16 +176,16 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
     run.check_finite(1, loss=torch.tensor(0.3))
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 2.*last.pt"):
         run.check_finite(2, loss=torch.tensor(float("nan")))
-    run.finish()
+    run.finish({})
 
 
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="cuda"):
+        with pytest.raises(ConfigError, match="--device cuda: this machine has no CUDA device"):
             resolve_device("cuda")
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ConfigError, match="--device tpu; expected one of auto, cpu, cuda, mps"):
         resolve_device("tpu")
 
 
@@ -188,4 +194,50 @@ def test_metrics_jsonl_is_one_object_per_line(tmp_path):
     logger.log(1, {"a": 1.5, "b": float("inf")})
     logger.close()
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(line)["b"] == "inf"
+    assert "Infinity" not in line and json.loads(line)["b"] is None  # strict JSON: null
+
+
+def test_a_resume_never_rewrites_the_run_config(tmp_path):
+    run = Run("toy", ToyConfig(output_dir=tmp_path / "run", device="cpu", lr=0.5))
+    run.save(1, {"w": 1})
+    run.finish({})
+    before = (tmp_path / "run/config.yaml").read_text()
+    Run("toy", ToyConfig(resume=tmp_path / "run", device="cpu", lr=0.1)).finish({})
+    assert (tmp_path / "run/config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("leftover", ["config.yaml", "metrics.jsonl"])
+def test_a_run_that_died_before_its_first_checkpoint_is_never_appended_to(tmp_path, leftover):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / leftover).write_text("")
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint"):
+        Run("toy", ToyConfig(output_dir=run, device="cpu"))
+    assert (run / leftover).read_text() == ""
+
+
+def test_output_dir_that_is_a_file_or_unwritable_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file; expected a directory"):
+        Run("toy", ToyConfig(output_dir=tmp_path / "file", device="cpu"))
+    with pytest.raises(ConfigError, match="/proc/memrl-x: cannot write there"):
+        Run("toy", ToyConfig(output_dir=Path("/proc/memrl-x"), device="cpu"))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_bad_last_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    run = Run("toy", ToyConfig(output_dir=tmp_path / "run", device="cpu"))
+    run.save(1, {"w": 1})
+    run.save(2, {"w": 2})
+    run.finish({})
+    last = tmp_path / "run/checkpoints/last.pt"
+    assert load_checkpoint(tmp_path / "run/checkpoints/previous.pt")["w"] == 1
+    if damage == "corrupt":
+        raw = bytearray(last.read_bytes())
+        raw[-20] ^= 0xFF  # a bit flip inside the tensor data still unpickles
+        last.write_bytes(bytes(raw))
+    else:  # killed between the two renames of Run.save
+        last.unlink()
+    with pytest.warns(UserWarning, match="previous.pt"):
+        resumed = Run("toy", ToyConfig(resume=tmp_path / "run", device="cpu"))
+    assert resumed.start_step == 1 and resumed.restore()["w"] == 1

@@ -1,4 +1,5 @@
-"""Seed 002's seed-lifecycle environment: stages, masks, grafting, reward terms, PPO on it."""
+"""The Tamiyo recurrence spec's seed-lifecycle environment: stages, masks, grafting, reward
+terms, PPO on it."""
 
 from __future__ import annotations
 

@@ -1,15 +1,19 @@
-"""Spatial memory (seed 000): shapes through the stack, FiLM conditioning, reset tags, the
-stop-gradient, trust weighting, boundary labels and F1, and phases A -> B -> C via the CLI."""
+"""Spatial memory (the spatial-memory spec): shapes through the stack, FiLM conditioning on the
+gate pre-activations, reset tags, the stop-gradient, trust weighting, boundary labels and F1,
+and phases A -> B -> C via the CLI."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from memrl.cli import main
+from memrl.data import EpisodeStore
 from memrl.nn.fpn import make_spatial_encoder
 from memrl.nn.losses import weighted_huber
 from memrl.runs import load_checkpoint
@@ -85,34 +89,110 @@ def test_resnet18_encoder_gives_the_same_map_size():
         make_spatial_encoder("vit_b_16")
 
 
+def film_reference(memory, x, condition, state, is_first):
+    """The spec's equations step by step, each gate one convolution of [h, x] whose output is
+    FiLM-modulated, a <- (1 + gamma(c)) a + beta(c), before its nonlinearity."""
+    core, K = memory.core, memory.core.hidden_channels
+    G = 3 if memory.kind == "conv_gru" else 4
+    gamma, beta = memory.film(condition).unflatten(-1, (2, -1)).unbind(2)  # (T, B, L*G*K)
+    layers = [[s[:, k] for s in state] for k in range(core.num_layers)]
+    ys = []
+    for t in range(x.shape[0]):
+        inp, keep = x[t], (~is_first[t]).float().view(-1, 1, 1, 1)
+        for k in range(core.num_layers):
+            h, *c = (s * keep for s in layers[k])
+
+            def film(a, lo, hi, k=k, t=t):
+                lo, hi = k * G * K + lo * K, k * G * K + hi * K
+                return (1 + gamma[t, :, lo:hi, None, None]) * a + beta[t, :, lo:hi, None, None]
+
+            x_conv = core.x_convs[k]
+            if memory.kind == "conv_gru":
+                w_zr = torch.cat([core.h_convs_zr[k].weight, x_conv.weight[: 2 * K]], 1)
+                zr = F.conv2d(torch.cat([h, inp], 1), w_zr, x_conv.bias[: 2 * K], padding="same")
+                z, r = torch.sigmoid(film(zr, 0, 2)).chunk(2, 1)
+                w_n = torch.cat([core.h_convs_n[k].weight, x_conv.weight[2 * K :]], 1)
+                n = F.conv2d(torch.cat([r * h, inp], 1), w_n, x_conv.bias[2 * K :], padding="same")
+                layers[k] = [(1 - z) * h + z * torch.tanh(film(n, 2, 3))]
+            else:
+                w = torch.cat([core.h_convs[k].weight, x_conv.weight], 1)
+                pre = F.conv2d(torch.cat([h, inp], 1), w, x_conv.bias, padding="same")
+                i, f, g, o = film(pre, 0, 4).chunk(4, 1)
+                c = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
+                layers[k] = [torch.sigmoid(o) * torch.tanh(c), c]
+            inp = layers[k][0]
+        ys.append(inp)
+    finals = tuple(torch.stack([lay[i] for lay in layers], 1) for i in range(len(state)))
+    return torch.stack(ys), finals
+
+
 @pytest.mark.parametrize("core", ["conv_gru", "conv_lstm"])
 def test_conditioning_gates_the_memory(core):
     torch.manual_seed(0)
     memory = SpatialMemory(core, 4, 5, hidden_channels=3, num_layers=2, condition_dim=3)
     x = torch.randn(5, 2, 4, 5, 5)
     is_first = torch.zeros(5, 2, dtype=torch.bool)
-    is_first[0] = True
+    is_first[0] = is_first[3, 1] = True
     cond_a, cond_b = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
-    state = memory.initial_state(2)
-    # FiLM starts at zero: exactly the core's own unroll
+    state = tuple(torch.randn(s.shape) for s in memory.initial_state(2))
+    # FiLM starts at zero -- the identity, scale 1 and shift 0: exactly the core's own unroll
     reference, _ = memory.core(x, state, is_first)
     h_a, _ = memory(x, cond_a, state, is_first)
     assert torch.equal(h_a, reference)
     randomize_film(memory)
-    h_a, _ = memory(x, cond_a, state, is_first)
+    h_a, final = memory(x, cond_a, state, is_first)
     h_b, _ = memory(x, cond_b, state, is_first)
     assert (h_a - h_b).abs().max() > 1e-3 and (h_a - reference).abs().max() > 1e-3
-    # and it is on the gate pre-activations: a GRU step by hand from the core's convolutions
-    if core == "conv_gru":
-        one = SpatialMemory(core, 4, 5, hidden_channels=3, condition_dim=3)
-        randomize_film(one)
-        c = cond_a[:1]
-        h, _ = one(x[:1], c, one.initial_state(2), is_first[:1])
-        gamma, beta = one.film(c[0]).view(2, 2, 9)[:, 0], one.film(c[0]).view(2, 2, 9)[:, 1]
-        pre = one.core.x_convs[0](x[0])  # h = 0: only the x part
-        a = (1 + gamma[..., None, None]) * pre + beta[..., None, None]
-        z_gate, n = torch.sigmoid(a[:, :3]), torch.tanh(a[:, 6:])
-        assert torch.allclose(h[0], z_gate * n, atol=1e-6)
+    # and it is the spec's FiLM on every gate's pre-activation, layer by layer, resets included
+    want_h, want_final = film_reference(memory, x, cond_a, state, is_first)
+    torch.testing.assert_close(h_a, want_h, rtol=1e-5, atol=1e-6)
+    for got, want in zip(final, want_final, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+@pytest.mark.parametrize("core", ["conv_gru", "conv_lstm"])
+def test_film_on_a_one_channel_one_pixel_map_by_hand(core):
+    """Two steps of a 1-channel memory on a 1x1 map (a 3x3 kernel sees only its centre), the
+    gates' FiLM scales and shifts set by hand: every pre-activation a -> (1 + gamma) a + beta."""
+    torch.manual_seed(0)
+    memory = SpatialMemory(core, 1, 1, hidden_channels=1, condition_dim=1)
+    G = 3 if core == "conv_gru" else 4
+    gamma, beta = [0.5, -0.3, 0.8, 0.2][:G], [0.1, 0.4, -0.2, 0.3][:G]
+    with torch.no_grad():
+        memory.film.weight.copy_(torch.tensor(gamma + beta)[:, None])  # condition c = 1
+        memory.film.bias.zero_()
+    xs = [0.7, -1.2]
+    h, state = memory(
+        torch.tensor(xs).view(2, 1, 1, 1, 1),
+        torch.ones(2, 1, 1),
+        memory.initial_state(1),
+        torch.tensor([[True], [False]]),
+    )
+    wx = memory.core.x_convs[0].weight[:, 0, 1, 1].tolist()  # kernel centres
+    bx = memory.core.x_convs[0].bias.tolist()
+    film = [lambda a, g=g: (1 + gamma[g]) * a + beta[g] for g in range(G)]
+    h_ref, c_ref, hs = 0.0, 0.0, []
+    for x in xs:
+        if core == "conv_gru":
+            wh = memory.core.h_convs_zr[0].weight[:, 0, 1, 1].tolist()
+            wn = memory.core.h_convs_n[0].weight[0, 0, 1, 1].item()
+            z = sigmoid(film[0](wx[0] * x + bx[0] + wh[0] * h_ref))
+            r = sigmoid(film[1](wx[1] * x + bx[1] + wh[1] * h_ref))
+            n = math.tanh(film[2](wx[2] * x + bx[2] + wn * r * h_ref))
+            h_ref = (1 - z) * h_ref + z * n
+        else:
+            wh = memory.core.h_convs[0].weight[:, 0, 1, 1].tolist()
+            i, f, g, o = (film[j](wx[j] * x + bx[j] + wh[j] * h_ref) for j in range(4))
+            c_ref = sigmoid(f) * c_ref + sigmoid(i) * math.tanh(g)
+            h_ref = sigmoid(o) * math.tanh(c_ref)
+        hs.append(h_ref)
+    assert h.flatten().tolist() == pytest.approx(hs, abs=1e-6)
+    if core == "conv_lstm":
+        assert state[1].item() == pytest.approx(c_ref, abs=1e-6)
 
 
 def test_reset_tag_resets_memory_and_comes_from_the_dataset():
@@ -136,19 +216,32 @@ def test_reset_tag_resets_memory_and_comes_from_the_dataset():
         "phase": np.array([0, 1, 1, 2], np.int8),
     }
     tagged_episode = episode | {"recovery": np.array([False, False, True, False])}
-    demos = SpatialDemos.from_episodes(
-        [tagged_episode, tagged_episode | {"actions": np.zeros((4, 3), np.float32)}]
-    )
+    short = {k: v[:3] for k, v in tagged_episode.items() if k != "obs"}
+    short["obs"] = {k: v[:3] for k, v in episode["obs"].items()}
+    demos = encoded([tagged_episode, short])
     batch = demos.episodes(torch.tensor([0, 1]))
-    assert batch["is_first"][:, 0].tolist() == [True, False, True, False]
-    plain = SpatialDemos.from_episodes([episode, {k: v for k, v in episode.items()}])
-    assert plain.episodes(torch.tensor([0]))["is_first"][:, 0].tolist() == [
-        True,
-        False,
-        False,
-        False,
+    assert batch.is_first.T.tolist() == [[True, False, True, False], [True, False, True, False]]
+    assert batch.valid[:, 1].tolist() == [True, True, True, False]
+    assert batch.has_next[:, 1].tolist() == [True, True, False, False]
+    assert batch.features.shape == (4, 2, 3, 8, 8) and batch.images is None
+    plain = encoded([episode, episode])
+    assert plain.episodes(torch.tensor([0])).is_first[:, 0].tolist() == [True, False, False, False]
+    assert plain.trust.tolist() == [1.0] * 8 and plain.ood is None
+    # observation t was taken in the phase after action t - 1 (0, 0, 1, 1): a boundary at 2
+    assert plain.boundary.tolist() == [False, False, True, False] * 2
+    frames = plain.frames(torch.tensor([2, 5]))
+    assert frames.is_first.tolist() == [[True, True]] and frames.boundary.tolist() == [
+        [True, False]
     ]
-    assert plain.trust.tolist() == [1.0] * 8
+    # trust is 0 on padding
+    weighted = encoded([episode | {"trust": np.full(4, 0.5)}, short | {"trust": np.full(3, 2.0)}])
+    assert weighted.episodes(torch.tensor([1])).trust[:, 0].tolist() == [2.0, 2.0, 2.0]
+    assert weighted.episodes(torch.tensor([0, 1])).trust[:, 1].tolist() == [2.0, 2.0, 2.0, 0.0]
+
+
+def encoded(episodes: list[dict]) -> SpatialDemos:
+    """Spatial demonstrations whose 'encoder' passes the images through (as float16 maps)."""
+    return SpatialDemos.encode(EpisodeStore.from_episodes(episodes), torch.nn.Identity(), "cpu")
 
 
 def test_stop_gradient_keeps_the_target_and_the_encoder_out_of_the_graph():
@@ -251,7 +344,7 @@ def test_phases_a_b_c_run_in_sequence(demos, tmp_path):
     c = load_checkpoint(tmp_path / "C" / "model.pt")["model"]
     assert not all(torch.equal(v, c[k]) for k, v in part(b, "memory.").items())
     assert all(torch.equal(v, c[k]) for k, v in part(b, "encoder.").items())
-    assert main(["spatial-eval", str(tmp_path / "C"), "--episodes", "1"]) == 0
+    assert main(["spatial-eval", str(tmp_path / "C"), "--episodes", "1", "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "C" / "eval.json").read_text())
     assert result["dynamics"]["copy_baseline"] > 0 and result["held_out_demos"] == 1
     assert 0 <= result["segmenter"]["f1_memory"] <= 1 and 0 <= result["segmenter"]["f1_z_only"] <= 1
@@ -278,3 +371,7 @@ def test_phase_order_and_missing_runs_are_clear_errors(demos, tmp_path, capsys):
     assert "--core s4d differs from conv_gru" in capsys.readouterr().err
     assert main(["spatial-eval", str(tmp_path / "nowhere")]) == 2
     assert "holds no model.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["spatial-eval", str(tmp_path / "A"), "--device", "banana"])
+    assert exit_.value.code == 2
+    assert "invalid choice 'banana' for argument '--device'" in capsys.readouterr().err

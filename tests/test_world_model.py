@@ -1,4 +1,4 @@
-"""The moving-dot world, the RSSM (seed 001), its loss, trainer CLI and open-loop evaluation."""
+"""The moving-dot world, the RSSM spec's model, its loss, trainer CLI and open-loop evaluation."""
 
 from __future__ import annotations
 
@@ -203,10 +203,28 @@ def test_bad_shapes_and_sizes_are_clear_errors():
     for model_class in (RSSM, DeterministicModel):
         with pytest.raises(ValueError, match="K=9; expected 1 <= K <= 8 context frames"):
             model_class(SMALL).open_loop_rollout(obs, actions, actions[:, :3], K=9)
-    with pytest.raises(ValueError, match="grid_size=24; expected a power of two"):
-        RSSMConfig(grid_size=24, channels=(8, 8))
-    with pytest.raises(ValueError, match="needs 2"):
+    with pytest.raises(ValueError, match="grid_size=12 takes 1 to 1 positive entries"):
+        RSSMConfig(grid_size=12, channels=(8, 8))
+    with pytest.raises(ValueError, match="grid_size=16 takes 1 to 2 positive entries"):
         RSSMConfig(grid_size=16, channels=(8, 8, 8))
+    with pytest.raises(ValueError, match="grid_size=31; expected an even size of at least 8"):
+        RSSMConfig(grid_size=31)
+
+
+@pytest.mark.parametrize(
+    ("grid", "channels", "final"),
+    [(8, (16,), 4), (16, (16, 32), 4), (24, (16, 32), 6), (32, (16, 32, 64), 4),
+     (48, (16, 32, 64), 6), (64, (16, 32, 64, 128), 4), (72, (16, 32, 64), 9)],
+)  # fmt: skip
+def test_encoder_depth_follows_the_grid_size(grid, channels, final):
+    """Without --channels the encoder halves the image while it stays a whole number >= 4, and
+    the decoder gives back a frame of the input's size."""
+    config = RSSMConfig(grid_size=grid, deter_size=8, hidden_size=8, stoch_size=4)
+    assert (config.conv_channels, config.final_size) == (channels, final)
+    model = RSSM(config)
+    out = model(torch.rand(2, 3, 1, grid, grid), torch.zeros(2, 3, 2))
+    assert out["recon"].shape == (2, 3, 1, grid, grid)
+    assert model.encoder.embed_size == channels[-1] * final**2
 
 
 # -- training, the CLI and evaluation ------------------------------------------------------------
@@ -274,7 +292,7 @@ def test_seed_flag_spellings(tmp_path):
     cfg = tyro.cli(RSSMTrainConfig, args=spelled)
     assert (cfg.batch_size, cfg.use_occlusion, cfg.K, str(cfg.output_dir)) == (8, False, 4, "x")
     defaults = tyro.cli(RSSMTrainConfig, args=[])
-    assert (defaults.seed, defaults.seq_len, defaults.grid_size, defaults.epochs) == (
+    assert (defaults.seed, defaults.seq_len, defaults.model.grid_size, defaults.epochs) == (
         42,
         64,
         32,
@@ -291,7 +309,7 @@ def test_seed_flag_spellings(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["rssm", "--grid_size", "24"], "grid_size=24; expected a power of two"),
+        (["rssm", "--grid_size", "31"], "grid_size=31; expected an even size of at least 8"),
         (["rssm", "--K", "64"], "K=64; expected fewer context frames than seq_len=64"),
         (["rssm-eval", "no/such/dir"], "no/such/dir holds no model.pt"),
     ],
@@ -303,3 +321,23 @@ def test_bad_world_model_input_is_a_clear_error(args, message, capsys):
         code = exit.code
     assert code == 2
     assert message in " ".join(capsys.readouterr().err.split())  # tyro wraps long lines
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--grid_size", "48"], ["--grid_size", "64", "--latent", "categorical", "--groups", "4",
+                             "--classes", "3", "--unimix", "0.05"]],
+)  # fmt: skip
+def test_any_grid_size_trains_without_channels_and_model_flags_reach_the_model(tmp_path, extra):
+    """`memrl rssm --grid_size 48` / `64` derive the encoder depth themselves; every RSSMConfig
+    field (groups, classes, unimix, ...) is a flag that reaches the saved model."""
+    args = ["rssm", "--device", "cpu", "--output-dir", str(tmp_path), "--epochs", "1"]
+    args += ["--steps_per_epoch", "8", "--batch_size", "4", "--seq_len", "6", "--K", "2"]
+    args += ["--deter_size", "16", "--hidden_size", "16", "--stoch_size", "4", "--lr", "3e-3"]
+    assert main([*args, "--no-baseline", "--log_interval", "1", *extra]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["recon"] < records[0]["recon"]
+    saved = load_checkpoint(tmp_path / "model.pt")["model_config"]
+    assert saved["grid_size"] == int(extra[1]) and saved["channels"] is None
+    if "--groups" in extra:
+        assert (saved["groups"], saved["classes"], saved["unimix"]) == (4, 3, 0.05)

@@ -14,23 +14,39 @@ from pathlib import Path
 
 import tyro
 
-# command -> (module, config class, entry function); imported only when the command runs.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("memrl.rl.demo", "DemoConfig", "run_demo"),
-    "recall": ("memrl.recall", "RecallConfig", "train_recall"),
-    "ppo": ("memrl.rl.ppo", "PPOConfig", "train_ppo"),
-    "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval"),
-    "rssm": ("memrl.world_model.train", "RSSMTrainConfig", "train_rssm"),
-    "rssm-eval": ("memrl.world_model.evaluate", "RSSMEvalConfig", "run_rssm_eval"),
-    "push-collect": ("memrl.imitation.collect", "PushCollectConfig", "collect_push"),
-    "bc": ("memrl.imitation.bc", "BCConfig", "train_bc"),
-    "act": ("memrl.imitation.act", "ACTConfig", "train_act"),
-    "imitation-eval": ("memrl.imitation.evaluate", "ImitationEvalConfig", "run_imitation_eval"),
-    "spatial": ("memrl.spatial.train", "SpatialConfig", "train_spatial"),
-    "spatial-eval": ("memrl.spatial.evaluate", "SpatialEvalConfig", "evaluate_spatial"),
-}
+from memrl import __version__
+
+# command -> (module, config class, entry function, one-line description); a command's module is
+# imported only when it runs, so `memrl --help` stays fast.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "demo": ("memrl.rl.demo", "DemoConfig", "run_demo",
+             "PPO with and without memory on a POPGym task, side by side (what `make run` runs)"),
+    "recall": ("memrl.recall", "RecallConfig", "train_recall",
+               "train a core to recall an episode's first symbol (the smallest memory job)"),
+    "ppo": ("memrl.rl.ppo", "PPOConfig", "train_ppo",
+            "recurrent PPO on a POPGym, gymnasium or module:Class environment"),
+    "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval",
+                 "evaluate a PPO run, optionally resetting its memory every K steps"),
+    "rssm": ("memrl.world_model.train", "RSSMTrainConfig", "train_rssm",
+             "train an RSSM world model on the moving-dot world with occlusion"),
+    "rssm-eval": ("memrl.world_model.evaluate", "RSSMEvalConfig", "run_rssm_eval",
+                  "open-loop prediction error of an RSSM run against baselines, and a probe"),
+    "push-collect": ("memrl.imitation.collect", "PushCollectConfig", "collect_push",
+                     "record scripted-expert push demonstrations into an HDF5 file"),
+    "bc": ("memrl.imitation.bc", "BCConfig", "train_bc",
+           "behaviour cloning on push demonstrations (CNN / ResNet-18 / ViT, optional GRU)"),
+    "act": ("memrl.imitation.act", "ACTConfig", "train_act",
+            "action chunking transformer (ACT) on push demonstrations"),
+    "imitation-eval": ("memrl.imitation.evaluate", "ImitationEvalConfig", "run_imitation_eval",
+                       "success rate of a BC or ACT run on held-out push episodes"),
+    "spatial": ("memrl.spatial.train", "SpatialConfig", "train_spatial",
+                "spatial memory over vision feature maps, one training phase (A, B or C)"),
+    "spatial-eval": ("memrl.spatial.evaluate", "SpatialEvalConfig", "evaluate_spatial",
+                     "dynamics, segmentation and push success of a spatial-memory run"),
+}  # fmt: skip
 
 USAGE = """usage: memrl <command> [--config PATH] [--resume RUN_DIR] [flags]
+       memrl --version
 
 commands:
 {commands}
@@ -63,7 +79,7 @@ def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
 
 
 def _spell_flags(args: Sequence[str], aliases: dict[str, str]) -> list[str]:
-    """Accept ``--batch_size`` for ``--batch-size`` (seed 001's spelling) and a config's own
+    """Accept ``--batch_size`` for ``--batch-size`` (the RSSM spec's spelling) and a config's own
     ``FLAG_ALIASES``; values are left alone."""
     spelled = []
     for arg in args:
@@ -90,19 +106,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         ConfigError,
         NonFiniteLossError,
+        changed_flags,
         distributed,
         load_config,
     )
 
     args = list(sys.argv[1:] if argv is None else argv)
-    listing = "\n".join(f"  {name}" for name in COMMANDS)
     if not args or args[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        listing = "\n".join(f"  {name:<{width}}  {spec[3]}" for name, spec in COMMANDS.items())
         print(USAGE.format(commands=listing))
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"memrl {__version__}")
         return 0
     command, args = args[0], args[1:]
     if command not in COMMANDS:
         return _fail(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
-    module_name, class_name, function_name = COMMANDS[command]
+    module_name, class_name, function_name, _ = COMMANDS[command]
     module = importlib.import_module(module_name)
     config_cls, entry = getattr(module, class_name), getattr(module, function_name)
 
@@ -121,10 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         return _fail(str(err))
 
-    description = (
-        f"{(config_cls.__doc__ or '').strip()}\n\n"
+    description = f"{(config_cls.__doc__ or '').strip()}\n\n" + (
         "--config PATH starts from a saved config.yaml (flags given here override it)."
     )
+    resumable = getattr(config_cls, "RESUME_FLAGS", None)
+    if resumable is not None:
+        description += " With --resume RUN_DIR only these flags may differ from the run's: " + (
+            ", ".join("--" + name.replace("_", "-") for name in resumable)
+        )
     try:
         config = tyro.cli(
             config_cls,
@@ -135,6 +160,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, TypeError) as err:  # raised by a config's __post_init__ checks
         return _fail(str(err))
+    if resumable is not None and config.resume is not None:
+        try:
+            saved = load_config(config_cls, Path(config.resume) / "config.yaml")
+        except ConfigError as err:
+            return _fail(f"--resume {config.resume}: {err}")
+        if changed := changed_flags(config, saved, resumable):
+            return _fail(
+                f"--resume {config.resume}: {', '.join(changed)} would change the run's model "
+                "or data; resume with the run's own values, or start a new run with --config "
+                f"{Path(config.resume) / 'config.yaml'} --output-dir NEW_DIR"
+            )
     try:
         entry(config)
         distributed.shutdown()  # under torchrun: wait for every rank, then leave the group

@@ -11,7 +11,6 @@ inside windows through ``is_first`` — the whole core protocol in one small loo
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Literal
 
 import torch
@@ -25,6 +24,8 @@ from memrl.runs import Run, RunOptions, distributed
 @dataclasses.dataclass
 class RecallConfig(RunOptions):
     """Train a memory core to recall the first symbol of the current episode."""
+
+    RESUME_FLAGS = (*RunOptions.RESUME_FLAGS, "steps", "log_interval", "checkpoint_interval")
 
     core: Literal["none", "gru", "lstm", "s4d"] = "gru"
     """Memory core (none = the memoryless baseline)."""
@@ -65,9 +66,8 @@ class RecallStream:
     """B endless symbol streams cut into episodes; yields (symbols, is_first, target) windows.
     Seeded by its own generator, whose state goes into checkpoints."""
 
-    def __init__(self, cfg: RecallConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.generator = torch.Generator().manual_seed(cfg.seed + distributed.rank())
+    def __init__(self, cfg: RecallConfig, generator: torch.Generator, device: torch.device) -> None:
+        self.cfg, self.generator, self.device = cfg, generator, device
         self.first_symbol = torch.zeros(cfg.batch_size, dtype=torch.long)
         self.started = False
 
@@ -119,17 +119,18 @@ class RecallModel(nn.Module):
 def train_recall(cfg: RecallConfig) -> dict[str, float]:
     """Train, log, checkpoint; returns the final figures (also written to summary.json)."""
     run = Run("recall", cfg)
+    run.check_budget(cfg.steps, "--steps")
     device = run.device
     model = RecallModel(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    stream = RecallStream(cfg, device)
+    stream = RecallStream(cfg, run.generator(), device)
     state = model.core.initial_state(cfg.batch_size, device=device)
     if (ckpt := run.restore()) is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         stream.load_state_dict(ckpt["stream"])
         if run.rank:  # rank 0's stream was saved; the others draw fresh data
-            stream.generator.manual_seed(cfg.seed + run.rank + 7919 * run.start_step)
+            stream.generator = run.generator(run.start_step)
         state = tuple(s.to(device) for s in ckpt["core_state"])
     distributed.broadcast_parameters(model)
 
@@ -152,10 +153,7 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
         state = detach_state(state)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         run.check_finite(step, loss=loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_gradients(model.parameters())
-        optimizer.step()
+        distributed.optimizer_step(optimizer, loss, list(model.parameters()))
         if step % cfg.log_interval == 0 or step == cfg.steps:
             with torch.no_grad():
                 correct = logits.argmax(-1) == target
@@ -171,10 +169,8 @@ def train_recall(cfg: RecallConfig) -> dict[str, float]:
         bar.update(1)
     bar.close()
     summary = {**figures, "chance_accuracy": 1.0 / cfg.num_symbols, "steps": cfg.steps}
-    run.finish()
-    if not run.is_main:
+    if not run.finish(summary):
         return summary
-    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_file(model.state_dict(), run.dir / "model.safetensors")
     print(
         f"recall[{cfg.core}]: accuracy {summary.get('accuracy', float('nan')):.3f} "

@@ -23,7 +23,6 @@ CORES: dict[str, type[Core]] = {
     "conv_gru": ConvGRUCore,
     "conv_lstm": ConvLSTMCore,
 }
-VECTOR_CORES = ("none", "gru", "lstm", "s4d")
 CONV_CORES = ("conv_gru", "conv_lstm")
 
 
@@ -44,7 +43,6 @@ def make_core(name: str, **kwargs: Any) -> Core:
 __all__ = [
     "CORES",
     "CONV_CORES",
-    "VECTOR_CORES",
     "Core",
     "State",
     "ConvGRUCore",

@@ -4,17 +4,34 @@ Every gate is a 'same'-padded convolution of ``[h, x]``, split into its x part a
 the x part of all ``T`` steps is ONE convolution over (T*B, C, H, W) per layer; only the h part
 runs per step. Layers run one after the other over the whole sequence (a layer's output maps are
 the next layer's input). State: (B, num_layers, K, H, W) per tensor, batch first.
+
+``core(x, state, is_first, gate_hook=hook)`` (and ``core.step``) lets a caller transform the
+gate pre-activations of every step before their nonlinearities -- e.g. FiLM conditioning,
+``a <- (1 + gamma) a + beta`` -- without re-implementing the cell: see :data:`GateHook`.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from memrl.cores.base import Core, State
 from memrl.cores.rnn import _check_positive
+
+GateHook = Callable[[torch.Tensor, int, int, slice], torch.Tensor]
+"""``hook(pre, layer, t, gates) -> pre``: transform the gate pre-activations ``pre``
+(B, n * K, H, W) of ``layer`` at step ``t`` of the unroll (0 for ``step``) before their
+nonlinearities; ``gates`` is the slice of the layer's ``core.gate_channels`` (G * K, in the
+order of its x convolution) that ``pre`` holds. ConvGRU calls it twice per step, for (z, r) with
+``slice(0, 2K)`` and for the candidate h~ with ``slice(2K, 3K)`` (it depends on r); ConvLSTM
+once, for (i, f, g, o) with ``slice(0, 4K)``. The result must keep ``pre``'s shape."""
+
+
+def _no_hook(pre: torch.Tensor, layer: int, t: int, gates: slice) -> torch.Tensor:
+    return pre
 
 
 def _pair(spatial_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -52,6 +69,7 @@ class _ConvRecurrentCore(Core):
         self.kernel_size, self.num_layers = kernel_size, num_layers
         self.feature_shape = (input_channels, height, width)
         self.output_shape = (hidden_channels, height, width)
+        self.gate_channels = self._x_gates * hidden_channels  # a layer's gate pre-activations
         self.state_shapes = ((num_layers, hidden_channels, height, width),) * self._n_state
         K = hidden_channels
         self.x_convs = nn.ModuleList(
@@ -79,8 +97,37 @@ class _ConvRecurrentCore(Core):
     def output_channels(self) -> int:
         return self.hidden_channels
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State,
+        is_first: torch.Tensor,
+        gate_hook: GateHook | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """Unroll over a sequence (:meth:`Core.forward`), ``gate_hook`` (:data:`GateHook`)
+        applied to every step's gate pre-activations; None leaves them as they are."""
+        self._check(x, state, is_first, sequence=True)
+        return self._unroll(x, tuple(state), is_first, gate_hook or _no_hook)
+
+    def step(
+        self,
+        x_t: torch.Tensor,
+        state: State,
+        is_first_t: torch.Tensor,
+        gate_hook: GateHook | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """One step (:meth:`Core.step`); ``gate_hook`` is called with ``t = 0``."""
+        self._check(x_t, state, is_first_t, sequence=False)
+        hook = gate_hook or _no_hook
+        y, state = self._unroll(x_t.unsqueeze(0), tuple(state), is_first_t.unsqueeze(0), hook)
+        return y[0], state
+
     def _unroll(
-        self, x: torch.Tensor, state: State, is_first: torch.Tensor
+        self,
+        x: torch.Tensor,
+        state: State,
+        is_first: torch.Tensor,
+        gate_hook: GateHook = _no_hook,
     ) -> tuple[torch.Tensor, State]:
         T, B = is_first.shape
         if T == 0:
@@ -95,7 +142,7 @@ class _ConvRecurrentCore(Core):
             ys, layer_state = [], tuple(s.unbind(1)[k] for s in state)
             for t in range(T):
                 layer_state = tuple(s * keep[t] for s in layer_state)
-                layer_state = self._cell(k, x_steps[t], layer_state)
+                layer_state = self._cell(k, t, x_steps[t], layer_state, gate_hook)
                 ys.append(layer_state[0])
             x = torch.stack(ys)  # (T, B, K, H, W)
             for final, s in zip(finals, layer_state, strict=True):
@@ -103,12 +150,15 @@ class _ConvRecurrentCore(Core):
         return x, tuple(torch.stack(f, 1) for f in finals)
 
     @abc.abstractmethod
-    def _cell(self, k: int, x_proj: torch.Tensor, state: State) -> State:
-        """One step of layer ``k``: ``x_proj`` is this step's x part of every gate."""
+    def _cell(
+        self, k: int, t: int, x_proj: torch.Tensor, state: State, gate_hook: GateHook
+    ) -> State:
+        """Step ``t`` of layer ``k``: ``x_proj`` is this step's x part of every gate."""
 
 
 class ConvGRUCore(_ConvRecurrentCore):
-    """ConvGRU, exactly the equations of ``seeds/000`` ('same' padding, biases in the x part)::
+    """ConvGRU, exactly the equations of the spatial-memory spec ('same' padding, biases in
+    the x part)::
 
         z = σ(W_z * [h, x]),  r = σ(W_r * [h, x]),
         h~ = tanh(W_h * [r ⊙ h, x]),  h = (1 - z) ⊙ h + z ⊙ h~
@@ -121,11 +171,15 @@ class ConvGRUCore(_ConvRecurrentCore):
     def _build_recurrent_convs(self) -> None:
         self.h_convs_zr, self.h_convs_n = self._h_convs(2), self._h_convs(1)
 
-    def _cell(self, k: int, x_proj: torch.Tensor, state: State) -> State:
+    def _cell(
+        self, k: int, t: int, x_proj: torch.Tensor, state: State, gate_hook: GateHook
+    ) -> State:
         (h,) = state
-        x_zr, x_n = x_proj.split([2 * self.hidden_channels, self.hidden_channels], 1)
-        z, r = torch.sigmoid(x_zr + self.h_convs_zr[k](h)).chunk(2, 1)  # (B, K, H, W) each
-        h_new = torch.tanh(x_n + self.h_convs_n[k](r * h))  # (B, K, H, W)
+        K = self.hidden_channels
+        x_zr, x_n = x_proj.split([2 * K, K], 1)
+        zr = gate_hook(x_zr + self.h_convs_zr[k](h), k, t, slice(0, 2 * K))
+        z, r = torch.sigmoid(zr).chunk(2, 1)  # (B, K, H, W) each
+        h_new = torch.tanh(gate_hook(x_n + self.h_convs_n[k](r * h), k, t, slice(2 * K, 3 * K)))
         return (torch.lerp(h, h_new, z),)
 
 
@@ -146,8 +200,11 @@ class ConvLSTMCore(_ConvRecurrentCore):
             for conv in self.x_convs:
                 conv.bias[K : 2 * K] = 1.0  # forget gate
 
-    def _cell(self, k: int, x_proj: torch.Tensor, state: State) -> State:
+    def _cell(
+        self, k: int, t: int, x_proj: torch.Tensor, state: State, gate_hook: GateHook
+    ) -> State:
         h, c = state
-        i, f, g, o = (x_proj + self.h_convs[k](h)).chunk(4, dim=1)  # (B, K, H, W) each
+        pre = gate_hook(x_proj + self.h_convs[k](h), k, t, slice(0, 4 * self.hidden_channels))
+        i, f, g, o = pre.chunk(4, dim=1)  # (B, K, H, W) each
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c

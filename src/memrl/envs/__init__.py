@@ -1,5 +1,5 @@
 """Environments and wrappers: any env by id (``popgym/<Name>``, a gymnasium id,
-``module:Class``), the POPGym observation convention, vector envs, and seed 001's moving-dot
+``module:Class``), the POPGym observation convention, vector envs, and the RSSM spec's moving-dot
 world (``memrl.envs.moving_dot``).
 
 >>> envs = make_vector_env("popgym/RepeatPreviousEasy", num_envs=16, seed=0)
@@ -17,7 +17,8 @@ from memrl.envs.moving_dot import (
 from memrl.envs.popgym import POPGYM_ENVS, FlatObservation, is_popgym_env, make_popgym_env
 from memrl.envs.registry import ID_FORMS, make_env, make_vector_env, vector_env_seeds
 
-if "memrl/SeedLifecycle" not in gym.registry:  # seed 002's task; built lazily by gymnasium
+# the Tamiyo recurrence spec's task; gymnasium builds it lazily
+if "memrl/SeedLifecycle" not in gym.registry:
     gym.register("memrl/SeedLifecycle", "memrl.envs.seed_lifecycle:SeedLifecycleEnv")
 
 __all__ = [

@@ -1,8 +1,8 @@
 """A scripted expert for the push task, and one recorded expert episode.
 
 The expert reads the privileged state (``info["privileged"]`` of :class:`~memrl.envs.push.
-PushEnv`: gripper position and velocity, block position, target) and follows the recipe of
-shared/notes/push-task.md. With ``u`` the unit vector from the block to the target (in the
+PushEnv`: gripper position and velocity, block position, target) and follows a recipe measured
+on this task. With ``u`` the unit vector from the block to the target (in the
 table plane) and the *pre-push point* ``pre_push`` metres behind the block on that line:
 
 1. **push** while the gripper is low, behind the block and within ``off_line`` of the line:

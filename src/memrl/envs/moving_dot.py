@@ -1,4 +1,4 @@
-"""A moving-dot world with velocity control and occlusion (seed 001's data, vectorised).
+"""A moving-dot world with velocity control and occlusion (the RSSM spec's data, vectorised).
 
 A Gaussian dot moves on an ``H x W`` grid. At every step the action ``a_t = (ax, ay)`` in
 ``[-1, 1]^2`` changes the velocity, the dot moves, and it bounces off the borders (reflecting

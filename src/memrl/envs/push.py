@@ -1,4 +1,5 @@
-"""The push task: panda-gym's ``PandaPush-v3`` seen through an 84 x 84 camera (seed 003).
+"""The push task: panda-gym's ``PandaPush-v3`` seen through an 84 x 84 camera
+(the visuomotor imitation spec's task).
 
 A Franka Panda with a blocked gripper pushes a 4 cm block on a table to a target. The policy
 sees ``{"image": (S, S, 3) uint8, "state": (3,) float32}`` -- a fixed camera framing table,
@@ -7,8 +8,7 @@ gripper position (x, y, z) in metres -- and acts with an end-effector displaceme
 ``[dx, dy, dz]`` in [-1, 1] (one unit = 5 cm). An episode ends on success (block within 5 cm
 of the target: panda-gym's ``is_success``) or is truncated after ``max_steps`` steps.
 
-What differs from ``gymnasium.make("PandaPush-v3")`` and why (measured facts:
-shared/notes/push-task.md):
+What differs from ``gymnasium.make("PandaPush-v3")`` and why (each one measured):
 
 * **A fresh simulator per episode.** ``reset(seed=s)`` on a reused panda-gym env does not
   reproduce a trajectory (simulator state carries over), so every ``reset`` builds a new one

@@ -1,4 +1,5 @@
-"""Seed 002's morphogenetic task: a controller grafts "seeds" into a host network while it trains.
+"""The Tamiyo recurrence spec's morphogenetic task: a controller grafts "seeds" into a host
+network while it trains.
 
 One step = one training epoch of a real host: a small CNN classifier (three 3x3 conv blocks of
 8, 16, 16 channels, 3.7k parameters; Adam, lr 1e-2, batches of 256) on scikit-learn's bundled

@@ -1,16 +1,17 @@
-"""``memrl act``: Action Chunking with Transformers on push demonstrations (seed 003).
+"""``memrl act``: Action Chunking with Transformers on push demonstrations (the visuomotor
+imitation spec).
 
 ``ACTPolicy``: each of the last ``obs_horizon`` images -> backbone -> Linear(D, d_model)
 [+ Linear(3, d_model) of the normalised gripper position] + sinusoidal positions -> transformer
 encoder (4 layers, 8 heads); ``chunk_size`` learnable action queries -> transformer decoder
 (4 layers, 8 heads, cross-attending to the encoded observations) -> MLP 512-2048-1024-3 (ReLU,
-dropout) with tanh: a chunk of the next ``chunk_size`` actions. Trained with seed 003's
+dropout) with tanh: a chunk of the next ``chunk_size`` actions. Trained with the spec's
 magnitude-weighted Huber loss over the chunk (steps past the demonstration's end masked out).
 
 At evaluation (``memrl imitation-eval``) the policy is queried every ``chunk_size`` steps and its
 chunk executed open loop, or with ``--temporal-ensemble`` queried every step, and the action of
 step t is the average of every prediction made for t, weighted ``exp(-m * i)`` with i = 0 the
-oldest prediction (ACT's temporal ensembling; beyond the seed).
+oldest prediction (ACT's temporal ensembling; beyond the spec).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import math
 import torch
 from torch import nn
 
+from memrl.data import Batch, EpisodeStore
 from memrl.imitation.trainer import (
-    Demos,
     ImitationConfig,
     ImitationPolicy,
     augment_images,
@@ -35,7 +36,7 @@ from memrl.runs import distributed
 
 @dataclasses.dataclass
 class ACTConfig(ImitationConfig):
-    """Action Chunking with Transformers on the push task (seed 003)."""
+    """Action Chunking with Transformers on the push task (the visuomotor imitation spec)."""
 
     chunk_size: int = 10
     """Actions predicted per query."""
@@ -92,8 +93,9 @@ def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
 
 
 class ACTPolicy(ImitationPolicy):
-    """Seed 003's ACT. ``forward(images (horizon, B, 3, H, W) uint8, states (horizon, B, 3))``
-    -> raw tanh outputs (chunk_size, B, 3), time-major like every memrl sequence."""
+    """The visuomotor imitation spec's ACT. ``forward(images (horizon, B, 3, H, W) uint8,
+    states (horizon, B, 3))`` -> raw tanh outputs (chunk_size, B, 3), time-major like every
+    memrl sequence."""
 
     def __init__(self, cfg: ACTConfig) -> None:
         super().__init__(cfg.use_spherical)
@@ -152,22 +154,25 @@ class ACTPolicy(ImitationPolicy):
         return self.head(decoded).transpose(0, 1).float()
 
 
-def act_loss(policy: ACTPolicy, batch: tuple, augment: bool) -> torch.Tensor:
-    images, states, actions, valid = batch
-    if augment:
-        images = augment_images(images)
-    raw = policy(images, states)
+def act_loss(policy: ACTPolicy, batch: Batch, augment: bool) -> torch.Tensor:
+    """Magnitude-weighted Huber loss over each chunk's steps within the demonstration."""
+    images = augment_images(batch.images) if augment else batch.images
+    raw = policy(images, batch.states)
     return weighted_huber(
-        policy.decode(raw), policy.target(actions), actions, valid, policy.use_spherical
+        policy.decode(raw),
+        policy.target(batch.actions),
+        batch.actions,
+        batch.valid,
+        policy.use_spherical,
     )
 
 
-def act_batches(cfg: ACTConfig, demos: Demos, epoch: int | None) -> list[tuple]:
+def act_batches(cfg: ACTConfig, demos: EpisodeStore, epoch: int | None) -> list[Batch]:
     """This process's minibatches of (observation history, action chunk) samples, one per
     frame, for training ``epoch`` (shuffled by seed and epoch) or validation (None)."""
-    order = distributed.shard_indices(len(demos.actions), epoch, cfg.seed)
+    order = distributed.shard_indices(demos.num_steps, epoch, cfg.seed)
     return [
-        demos.chunks(order[i : i + cfg.batch_size], cfg.obs_horizon, cfg.chunk_size)
+        demos.windows(order[i : i + cfg.batch_size], cfg.obs_horizon, cfg.chunk_size)
         for i in range(0, len(order), cfg.batch_size)
     ]
 

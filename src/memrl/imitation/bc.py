@@ -1,10 +1,11 @@
-"""``memrl bc``: visuomotor behaviour cloning on push demonstrations (seed 003).
+"""``memrl bc``: visuomotor behaviour cloning on push demonstrations (the visuomotor imitation
+spec).
 
 ``VisuomotorBCPolicy``: image -> backbone (cnn | resnet18 | vit_b_16) -> [+ normalised gripper
 position] -> [GRU] -> MLP 512-512 (ReLU, dropout 0.3) -> 3 tanh outputs, read as a Cartesian
 action or as spherical coordinates (``memrl.imitation.codings``).
 
-With ``--use-gru`` the GRU is a real temporal model, unlike the seed's length-1 GRU: it is a
+With ``--use-gru`` the GRU is a real temporal model, unlike the spec's length-1 GRU: it is a
 memrl core trained on whole demonstrations (padded into a time-major batch, ``is_first`` at
 each start, loss masked past each end), and at evaluation its state is carried from step to
 step and reset when an episode starts. Data, normalisation, optimiser and schedule:
@@ -20,8 +21,8 @@ from torch import nn
 
 from memrl.cores import make_core
 from memrl.cores.base import State
+from memrl.data import Batch, EpisodeStore
 from memrl.imitation.trainer import (
-    Demos,
     ImitationConfig,
     ImitationPolicy,
     augment_images,
@@ -34,7 +35,7 @@ from memrl.runs import distributed
 
 @dataclasses.dataclass
 class BCConfig(ImitationConfig):
-    """Behaviour cloning of the push expert from images (seed 003)."""
+    """Behaviour cloning of the push expert from images (the visuomotor imitation spec)."""
 
     use_gru: bool = False
     """A GRU over time, trained on whole demonstrations, state carried through episodes."""
@@ -48,9 +49,9 @@ class BCConfig(ImitationConfig):
 
 
 class VisuomotorBCPolicy(ImitationPolicy):
-    """Seed 003's policy. ``forward(images (T, B, 3, H, W) uint8, states (T, B, 3), state,
-    is_first (T, B))`` -> raw tanh outputs (T, B, 3) and the next recurrent state; without a
-    GRU each step is independent and the state is empty."""
+    """The visuomotor imitation spec's policy. ``forward(images (T, B, 3, H, W) uint8, states
+    (T, B, 3), state, is_first (T, B))`` -> raw tanh outputs (T, B, 3) and the next recurrent
+    state; without a GRU each step is independent and the state is empty."""
 
     def __init__(self, cfg: BCConfig) -> None:
         super().__init__(cfg.use_spherical)
@@ -84,26 +85,28 @@ class VisuomotorBCPolicy(ImitationPolicy):
         return self.head(features).float(), state
 
 
-def bc_loss(policy: VisuomotorBCPolicy, batch: tuple, augment: bool) -> torch.Tensor:
-    images, states, actions, is_first, *valid = batch
-    if augment:
-        images = augment_images(images)
+def bc_loss(policy: VisuomotorBCPolicy, batch: Batch, augment: bool) -> torch.Tensor:
+    """Magnitude-weighted Huber loss over the batch's valid steps."""
+    images = augment_images(batch.images) if augment else batch.images
     state = policy.initial_state(images.shape[1], images.device)
-    raw, _ = policy(images, states, state, is_first)
-    mask = valid[0] if valid else None
+    raw, _ = policy(images, batch.states, state, batch.is_first)
     return weighted_huber(
-        policy.decode(raw), policy.target(actions), actions, mask, policy.use_spherical
+        policy.decode(raw),
+        policy.target(batch.actions),
+        batch.actions,
+        batch.valid,
+        policy.use_spherical,
     )
 
 
-def bc_batches(cfg: BCConfig, demos: Demos, epoch: int | None) -> list[tuple]:
+def bc_batches(cfg: BCConfig, demos: EpisodeStore, epoch: int | None) -> list[Batch]:
     """This process's minibatches of frames, or with a GRU of whole episodes (about batch_size
     frames), for training ``epoch`` (shuffled by seed and epoch) or validation (None)."""
     if cfg.use_gru:
         per_batch = max(1, round(cfg.batch_size / float(demos.lengths.float().mean())))
-        order = distributed.shard_indices(len(demos.lengths), epoch, cfg.seed)
+        order = distributed.shard_indices(len(demos), epoch, cfg.seed)
         return [demos.episodes(order[i : i + per_batch]) for i in range(0, len(order), per_batch)]
-    order = distributed.shard_indices(len(demos.actions), epoch, cfg.seed)
+    order = distributed.shard_indices(demos.num_steps, epoch, cfg.seed)
     return [
         demos.frames(order[i : i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)
     ]

@@ -1,11 +1,11 @@
-"""Action codings and the loss of seed 003: Cartesian or spherical, magnitude-weighted Huber.
+"""Action codings of the visuomotor imitation spec: Cartesian, or spherical.
 
 Spherical: ``(dx, dy, dz) -> (magnitude, theta, phi)`` with theta the angle from +z in [0, pi]
 and phi the azimuth in [-pi, pi]; the magnitude is clamped to >= 1e-4 so the angles stay
 defined. A policy's three tanh outputs ``r`` in [-1, 1] decode as ``theta = (r1 + 1) pi / 2``,
-``phi = r2 pi`` (the seed's) and ``magnitude = (r0 + 1) sqrt(3) / 2``: the seed's
-``sigmoid(r0)`` can only express magnitudes in [0.27, 0.73], while an action in [-1, 1]^3 has
-any magnitude in [0, sqrt(3)] (the expert's range from 0 to over 1) — so that line is changed.
+``phi = r2 pi`` (the spec's) and ``magnitude = (r0 + 1) sqrt(3) / 2``, not the spec's
+``sigmoid(r0)``: that can only express magnitudes in [0.27, 0.73], while an action in [-1, 1]^3
+has any magnitude in [0, sqrt(3)] (the expert's range from 0 to over 1).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from memrl.data import write_demos
 from memrl.envs.expert import PushExpert, rollout_expert
 from memrl.envs.push import PHASES, PushConfig
+from memrl.runs import check_writable_file
 from memrl.runs.config import to_dict
 
 
@@ -70,12 +71,11 @@ class PushCollectConfig:
             raise ValueError(f"noise={self.noise}; expected a standard deviation >= 0")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed}; expected a non-negative integer")
-        if self.output.exists() and self.output.is_dir():
-            raise ValueError(f"output={self.output} is a directory; expected a file path")
 
 
 def collect_push(cfg: PushCollectConfig) -> dict[str, Any]:
     """Run the episodes, write the dataset, print a one-line summary; returns its figures."""
+    check_writable_file(cfg.output, "--output")  # before minutes of collection, not after
     start = time.perf_counter()
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     episode_fn = functools.partial(rollout_expert, cfg.env, noise=cfg.noise)
@@ -88,12 +88,12 @@ def collect_push(cfg: PushCollectConfig) -> dict[str, Any]:
     )
     kept, successes = [], 0
     with _episode_map(cfg) as episode_map:
-        for episode in episode_map(episode_fn, seeds):
+        for done, episode in enumerate(episode_map(episode_fn, seeds), 1):
             successes += episode["attrs"]["success"]
             if episode["attrs"]["success"] or cfg.keep_failures:
                 kept.append(episode)
             bar.update(1)
-            bar.set_postfix(success=f"{successes / bar.n:.0%}", refresh=False)
+            bar.set_postfix(success=f"{successes / done:.0%}", refresh=False)
     bar.close()
     success_rate = successes / cfg.episodes
     attrs = {

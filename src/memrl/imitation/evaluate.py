@@ -13,10 +13,9 @@ first ``--videos`` episodes to ``RUN_DIR/videos/``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import deque
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import imageio.v2 as imageio
 import numpy as np
@@ -28,12 +27,12 @@ from memrl.envs.push import PushConfig, PushEnv
 from memrl.envs.push import run_episode as run_push_episode
 from memrl.imitation.act import ACTConfig, ACTPolicy
 from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy
-from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device
+from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device, write_json
 
 
 @dataclasses.dataclass
 class ImitationEvalConfig:
-    """Evaluate a `memrl bc` run on held-out push seeds."""
+    """Evaluate a `memrl bc` or `memrl act` run on held-out push seeds."""
 
     run_dir: Annotated[Path, tyro.conf.Positional]
     """Run directory written by `memrl bc` or `memrl act`."""
@@ -43,8 +42,8 @@ class ImitationEvalConfig:
     """Seed of the first episode (the next ones count up)."""
     videos: int = 2
     """Save GIFs of this many first episodes."""
-    device: str = "cpu"
-    """Device to run the policy on."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to run the policy: auto picks cuda, then mps, then cpu."""
     temporal_ensemble: bool = False
     """ACT: query every step and average all predictions for it (else execute whole chunks)."""
     ensemble_m: float = 0.01
@@ -182,7 +181,7 @@ def run_imitation_eval(cfg: ImitationEvalConfig) -> dict:
         "seeds": [cfg.seed, cfg.seed + cfg.episodes - 1],
         "results": results,
     }
-    (cfg.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(cfg.run_dir / "eval.json", summary)
     print(
         f"imitation-eval: success {summary['success_rate']:.1%} over {cfg.episodes} episodes "
         f"(seeds {cfg.seed}..{cfg.seed + cfg.episodes - 1}), mean return "

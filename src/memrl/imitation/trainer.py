@@ -1,18 +1,17 @@
 """What ``memrl bc`` and ``memrl act`` share: the options, the action coding and normalisation
-of a policy, demonstrations held in memory, augmentation, and the training loop.
+of a policy, augmentation, and the training loop.
 
-Data: the HDF5 written by ``memrl push-collect``; every image is held in memory as one uint8
-tensor, so loading never waits on disk. The last ``val_fraction`` of the demonstrations are the
-validation set. State statistics and the action scale (per-dimension maximum magnitude, so
-scaled actions fill the tanh range) come from the training demonstrations and are saved with
-the model. Adam (lr 1e-3, weight decay 1e-4), ReduceLROnPlateau on the validation loss
-(patience 2, 1% relative threshold, factor 0.5); optional random-shift augmentation.
+Data: the HDF5 written by ``memrl push-collect``, held in memory by :mod:`memrl.data` (an
+:class:`~memrl.data.EpisodeStore`; the last ``val_fraction`` of the demonstrations are the
+validation set). State statistics and the action scale come from the training demonstrations
+and are saved with the model. Adam (lr 1e-3, weight decay 1e-4), ReduceLROnPlateau on the
+validation loss (patience 2, 1% relative threshold, factor 0.5); optional random-shift
+augmentation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,14 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memrl.data import read_demos
+from memrl.data import Batch, EpisodeStore, Statistics, load_episodes
 from memrl.imitation.codings import cartesian_to_spherical, decode_spherical, spherical_to_cartesian
-from memrl.runs import ConfigError, Run, RunOptions, distributed, save_checkpoint
+from memrl.runs import Run, RunOptions, distributed, save_checkpoint
 
 
 @dataclasses.dataclass
 class ImitationConfig(RunOptions):
     """Options every imitation trainer shares."""
+
+    RESUME_FLAGS = (*RunOptions.RESUME_FLAGS, "epochs")
 
     dataset: Path = Path("data/push.hdf5")
     """HDF5 demonstrations written by `memrl push-collect`."""
@@ -39,7 +40,7 @@ class ImitationConfig(RunOptions):
     pretrained: bool | None = None
     """ImageNet weights from the local torch cache: None uses them when present."""
     cnn_pool: Literal["keypoints", "avg"] = "keypoints"
-    """cnn backbone's pooling: spatial-softmax keypoints, or the seed's global average."""
+    """cnn backbone's pooling: spatial-softmax keypoints, or the spec's global average."""
     use_state: bool = False
     """Also feed the gripper position (normalised)."""
     use_spherical: bool = False
@@ -82,10 +83,10 @@ class ImitationPolicy(nn.Module):
         self.register_buffer("state_std", torch.ones(3))
         self.register_buffer("action_scale", torch.ones(3))
 
-    def fit_statistics(self, demos: Demos) -> None:
-        self.state_mean.copy_(demos.states.mean(0))
-        self.state_std.copy_(demos.states.std(0).clamp(min=1e-3))
-        self.action_scale.copy_(demos.actions.abs().amax(0).clamp(min=1e-3))
+    def set_statistics(self, statistics: Statistics) -> None:
+        self.state_mean.copy_(statistics.state_mean)
+        self.state_std.copy_(statistics.state_std)
+        self.action_scale.copy_(statistics.action_scale)
 
     def param_groups(self, cfg: ImitationConfig) -> list[dict]:
         """The optimiser's parameter groups: one, at ``cfg.lr``."""
@@ -111,58 +112,6 @@ class ImitationPolicy(nn.Module):
         return (raw * self.action_scale).clamp(-1, 1)
 
 
-@dataclasses.dataclass
-class Demos:
-    """Demonstrations as tensors: ``images`` (N, 3, H, W) uint8, ``states`` (N, 3), ``actions``
-    (N, 3), and ``starts`` / ``lengths`` of each episode in the flat arrays."""
-
-    images: torch.Tensor
-    states: torch.Tensor
-    actions: torch.Tensor
-    starts: torch.Tensor
-    lengths: torch.Tensor
-
-    @classmethod
-    def from_episodes(cls, episodes: list[dict]) -> Demos:
-        lengths = torch.tensor([len(ep["actions"]) for ep in episodes])
-        images = np.concatenate([ep["obs"]["image"] for ep in episodes])
-        return cls(
-            images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-            states=torch.from_numpy(np.concatenate([ep["obs"]["state"] for ep in episodes])),
-            actions=torch.from_numpy(np.concatenate([ep["actions"] for ep in episodes])),
-            starts=torch.cumsum(lengths, 0) - lengths,
-            lengths=lengths,
-        )
-
-    def frames(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Single frames as length-1 sequences: (1, B, ...) each, and ``is_first`` (1, B)."""
-        first = torch.ones(1, len(index), dtype=torch.bool)
-        return self.images[index][None], self.states[index][None], self.actions[index][None], first
-
-    def episodes(self, which: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Whole episodes, padded time-major: (T, B, ...) each, ``is_first`` and ``valid``."""
-        T = int(self.lengths[which].max())
-        steps = torch.arange(T)[:, None]  # (T, 1)
-        valid = steps < self.lengths[which][None]  # (T, B)
-        index = torch.where(valid, self.starts[which][None] + steps, self.starts[which][None])
-        is_first = (steps == 0).expand_as(valid)
-        return self.images[index], self.states[index], self.actions[index], is_first, valid
-
-    def chunks(self, index: torch.Tensor, horizon: int, chunk: int) -> tuple[torch.Tensor, ...]:
-        """For frames ``index`` (B,): the ``horizon`` observations ending there, time-major
-        (horizon, B, ...) (frames before the episode's start repeat its first frame), the
-        ``chunk`` expert actions from there (chunk, B, 3) and ``valid`` (chunk, B), false past
-        the episode's end."""
-        episode = torch.searchsorted(self.starts, index, right=True) - 1  # (B,)
-        start, end = self.starts[episode], self.starts[episode] + self.lengths[episode]
-        past = index[None] + torch.arange(1 - horizon, 1)[:, None]  # (horizon, B)
-        ahead = index[None] + torch.arange(chunk)[:, None]  # (chunk, B)
-        seen = past.clamp(min=start[None])
-        valid = ahead < end[None]
-        ahead = torch.minimum(ahead, end[None] - 1)
-        return self.images[seen], self.states[seen], self.actions[ahead], valid
-
-
 def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """DrQ's augmentation: replicate-pad by ``pad`` pixels, crop back at a random offset per
     image. ``images`` (N, 3, H, W) uint8."""
@@ -181,20 +130,8 @@ def augment_images(images: torch.Tensor) -> torch.Tensor:
     return random_shift(images.flatten(0, -4)).view(images.shape)
 
 
-def load_demos(cfg: ImitationConfig) -> tuple[Demos, Demos, dict]:
-    """Train and validation demonstrations, and the dataset's attributes."""
-    episodes, attrs = read_demos(cfg.dataset, required=("obs/image", "obs/state", "actions"))
-    if len(episodes) < 2:
-        raise ConfigError(
-            f"dataset {cfg.dataset} holds {len(episodes)} demonstration(s); need at least 2 "
-            "(training and validation)"
-        )
-    n_val = max(1, round(cfg.val_fraction * len(episodes)))
-    return Demos.from_episodes(episodes[:-n_val]), Demos.from_episodes(episodes[-n_val:]), attrs
-
-
-Loss = Callable[[ImitationPolicy, tuple, bool], torch.Tensor]
-Batches = Callable[[Demos, "int | None"], Iterable[tuple]]
+Loss = Callable[[ImitationPolicy, Batch, bool], torch.Tensor]
+Batches = Callable[[EpisodeStore, "int | None"], Iterable[Batch]]
 
 
 def train_imitation(
@@ -208,11 +145,14 @@ def train_imitation(
     epoch)`` (``epoch`` None for validation), validate every epoch, checkpoint; writes
     ``policy.pt`` and ``summary.json``. Under torchrun ``batch_size`` is per process."""
     run = Run(kind, cfg)
+    run.check_budget(cfg.epochs, "--epochs")
     device = run.device
-    train, val, attrs = load_demos(cfg)
+    split = load_episodes(cfg.dataset, cfg.val_fraction)
+    train, val = split.train, split.val
     policy = build()
-    policy.fit_statistics(train)
+    policy.set_statistics(train.statistics())
     policy.to(device)
+    params = list(policy.parameters())
     optimizer = torch.optim.Adam(policy.param_groups(cfg), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.5, patience=cfg.lr_patience, threshold=0.01,
@@ -230,20 +170,18 @@ def train_imitation(
         losses, start = [], time.perf_counter()
         for batch in batches(train, epoch):
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                loss = loss_fn(policy, tuple(x.to(device) for x in batch), cfg.augment)
+                loss = loss_fn(policy, batch.to(device), cfg.augment)
             run.check_finite(epoch, loss=loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(policy.parameters())
-            optimizer.step()
+            distributed.optimizer_step(optimizer, loss, params)
             losses.append(loss.item())
         seconds = time.perf_counter() - start
         policy.eval()
         val_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss x batch size, samples)
         with torch.no_grad():
-            for b in batches(val, None):
-                loss = loss_fn(policy, tuple(x.to(device) for x in b), False).item()
-                val_sum += torch.tensor([loss * b[2].shape[1], b[2].shape[1]])
+            for batch in batches(val, None):
+                loss = loss_fn(policy, batch.to(device), False).item()
+                samples = batch.actions.shape[1]
+                val_sum += torch.tensor([loss * samples, samples])
         val_sum = distributed.all_sum(val_sum)
         val_loss = float(val_sum[0] / val_sum[1])
         scheduler.step(val_loss)
@@ -253,7 +191,7 @@ def train_imitation(
                 "train_loss": float(np.mean(losses)),
                 "val_loss": val_loss,
                 "lr": optimizer.param_groups[-1]["lr"],
-                "samples_per_s": len(train.actions) / seconds,
+                "samples_per_s": train.num_steps / seconds,
             },
         )
         bar.set_postfix(train=f"{figures['train_loss']:.4f}", val=f"{val_loss:.4f}")
@@ -269,23 +207,21 @@ def train_imitation(
     bar.close()
     summary = figures | {
         "epochs": cfg.epochs,
-        "train_demos": len(train.lengths),
-        "val_demos": len(val.lengths),
+        "train_demos": len(train),
+        "val_demos": len(val),
         "parameters": sum(p.numel() for p in policy.parameters()),
         "processes": run.world_size,
     }
-    run.finish()
-    if not run.is_main:
+    if not run.finish(summary):
         return summary
     save_checkpoint(
         run.dir / "policy.pt",
         {
             "kind": kind,
             "policy": policy.state_dict(),
-            "env_kwargs": attrs["env_args"]["env_kwargs"],
+            "env_kwargs": split.attrs["env_args"]["env_kwargs"],
         },
     )
-    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"{kind}[{cfg.backbone}]: val loss {figures.get('val_loss', float('nan')):.4f}; "
         f"run directory {run.dir}"

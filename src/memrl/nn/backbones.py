@@ -1,11 +1,13 @@
-"""Vision backbones shared by the imitation and spatial-memory pipelines (seed 003).
+"""Vision backbones shared by the imitation and spatial-memory pipelines (the
+visuomotor imitation spec).
 
 ``make_backbone(name)`` returns a module mapping images ``(N, 3, H, W)`` — uint8 in [0, 255] or
 float in [0, 1] — to features ``(N, D)``, with ImageNet normalisation inside:
 
-- ``cnn``: seed 003's four convolutions (32x21x21 -> 64x11x11 -> 64x11x11 -> 64x11x11 for an
-  84 x 84 input) with ReLU, then a spatial softmax (each channel's expected x, y): D = 128.
-  The seed's global average pooling (``cnn_pool="avg"``, D = 64) throws away where the block
+- ``cnn``: the imitation spec's four convolutions (32x21x21 -> 64x11x11 -> 64x11x11 ->
+  64x11x11 for an 84 x 84 input) with ReLU, then a spatial softmax (each channel's expected
+  x, y): D = 128.
+  The spec's global average pooling (``cnn_pool="avg"``, D = 64) throws away where the block
   and the gripper are — measured: BC's training loss did not move in 30 epochs with it.
 - ``resnet18``: torchvision's ResNet-18 without its classifier: D = 512.
 - ``vit_b_16``: torchvision's ViT-B/16, the [CLS] token: D = 768. Images are resized to 224 x 224
@@ -90,7 +92,7 @@ def make_backbone(
     name: str, pretrained: bool | None = None, cnn_pool: str = "keypoints"
 ) -> Backbone:
     """A backbone by name (module docstring); ``pretrained`` True / False / None (if cached);
-    ``cnn_pool`` "keypoints" (spatial softmax, D = 128) or "avg" (the seed's, D = 64)."""
+    ``cnn_pool`` "keypoints" (spatial softmax, D = 128) or "avg" (the spec's, D = 64)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     if name == "cnn":

@@ -1,14 +1,16 @@
-"""Feature-map encoder for spatial memory (seed 000): a backbone's intermediate maps through a
-feature-pyramid neck, fused into one ``C x S x S`` map ``P_t`` (C = 128, S = 14 by default).
+"""Feature-map encoder for spatial memory (the spatial-memory spec): a backbone's intermediate maps
+through a feature-pyramid neck, fused into one ``C x S x S`` map ``P_t`` (C = 128, S = 14 by
+default).
 
-``torchvision.ops.FeaturePyramidNetwork`` stands in for the seed's BiFPN: one top-down pass with
+``torchvision.ops.FeaturePyramidNetwork`` stands in for the spec's BiFPN: one top-down pass with
 lateral 1x1 and output 3x3 convolutions. Its outputs (one per level, all C channels) are resized
 to S x S (bilinear, antialiased when shrinking) and averaged: every level speaks in the fused map,
 which is what BiFPN's weighted fusion does with learned instead of equal weights.
 
 Levels taken from each backbone (with an 84 x 84 image):
 
-- ``cnn`` (seed 003's four convolutions): after conv1 32x21x21, conv2 64x11x11, conv4 64x11x11.
+- ``cnn`` (the imitation spec's four convolutions): after conv1 32x21x21, conv2 64x11x11,
+  conv4 64x11x11.
 - ``resnet18``: images resized to 112 x 112 (so that layer2 is 14 x 14), then layer1 64x28x28,
   layer2 128x14x14, layer3 256x7x7, layer4 512x4x4.
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 
 def weighted_mean(per_step: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum w_t l_t / sum w_t`` (seed 000's TrustMatrix; a bool mask is 0/1 weights, 0 on
-    padding); the plain mean without weights."""
+    """``sum w_t l_t / sum w_t`` (the spatial-memory spec's TrustMatrix; a bool mask is 0/1
+    weights, 0 on padding); the plain mean without weights."""
     if weights is None:
         return per_step.mean()
     weights = weights.to(per_step.dtype)
@@ -18,8 +18,8 @@ def weighted_mean(per_step: torch.Tensor, weights: torch.Tensor | None = None) -
 def huber_per_step(
     prediction: torch.Tensor, target: torch.Tensor, expert: torch.Tensor, spherical: bool = False
 ) -> torch.Tensor:
-    """Seed 003's loss per sample: Huber (delta 1) per component averaged, times
-    ``1 + 2 ||expert||`` (``expert`` the Cartesian action). With ``spherical`` the azimuth
+    """The visuomotor imitation spec's loss per sample: Huber (delta 1) per component averaged,
+    times ``1 + 2 ||expert||`` (``expert`` the Cartesian action). With ``spherical`` the azimuth
     difference (last component) is wrapped to [-pi, pi]: phi = pi and -pi are one direction."""
     diff = prediction - target
     if spherical:

@@ -1,6 +1,6 @@
 """Rollout storage for recurrent PPO: time-major tensors, the core state before every step, GAE,
-and minibatches of whole sequences (seed 002's RecurrentRolloutBuffer; seed 004: the stored state
-is the whole tuple, e.g. (h, c) for the LSTM)."""
+and minibatches of whole sequences (the Tamiyo recurrence spec's RecurrentRolloutBuffer; as the
+R2D2 LSTM spec asks, the stored state is the whole tuple, e.g. (h, c) for the LSTM)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from memrl.cores import State
 @dataclass
 class SequenceBatch:
     """A minibatch of S sequences of at most L steps, time-major, with their initial core state.
-    ``valid`` marks real steps; shorter sequences (``split_episodes``) are padded at the end."""
+    ``valid`` marks real steps; shorter sequences (a window cut by the rollout's end or, with
+    ``split_episodes``, by an episode start) are padded at the end."""
 
     obs: torch.Tensor  # (L, S, D)
     is_first: torch.Tensor  # (L, S) bool
@@ -57,10 +58,11 @@ class _Plan:
 
 
 class RolloutBuffer:
-    """``T`` steps of ``N`` envs, cut into training sequences of at most ``bptt_len`` steps:
-    fixed windows every ``bptt_len`` steps, or with ``split_episodes`` windows that restart at
-    every episode start, so that a sequence that begins an episode starts from the exact zero
-    state and none holds steps of two episodes (sb3-contrib's sequences, capped at bptt_len)."""
+    """``T`` steps of ``N`` envs, cut into training sequences of at most ``bptt_len`` steps
+    (clamped to ``T``): fixed windows every ``bptt_len`` steps, the last one shorter where
+    ``bptt_len`` does not divide ``T``, or with ``split_episodes`` windows that restart at every
+    episode start, so that a sequence that begins an episode starts from the exact zero state and
+    none holds steps of two episodes (sb3-contrib's sequences, capped at bptt_len)."""
 
     def __init__(
         self,
@@ -75,12 +77,8 @@ class RolloutBuffer:
         burn_in: int = 0,
         split_episodes: bool = False,
     ) -> None:
-        if num_steps % bptt_len:
-            raise ValueError(f"rollout_steps={num_steps} must be a multiple of bptt_len={bptt_len}")
-        if not 0 <= burn_in <= bptt_len:
-            raise ValueError(f"burn_in={burn_in}; expected 0 <= burn_in <= bptt_len={bptt_len}")
         T, N = num_steps, num_envs
-        self.T, self.N, self.L, self.device = T, N, bptt_len, device
+        self.T, self.N, self.L, self.device = T, N, min(bptt_len, T), device
         self.burn_in, self.split_episodes = burn_in, split_episodes
         f32 = dict(device=device, dtype=torch.float32)
         self.obs = torch.zeros(T, N, obs_dim, **f32)
@@ -156,15 +154,16 @@ class RolloutBuffer:
     def minibatches(
         self, steps_per_batch: int, generator: torch.Generator | None = None
     ) -> Iterator[SequenceBatch]:
-        """Shuffled minibatches of whole sequences with their stored initial states, each of
-        about ``steps_per_batch`` real steps (exactly ``steps_per_batch / bptt_len`` sequences
-        with fixed windows)."""
+        """Shuffled minibatches of whole sequences with their stored initial states: a sequence
+        joins the minibatch its first step falls in when the shuffled sequences' steps are
+        counted off in ``steps_per_batch`` (exactly ``steps_per_batch / bptt_len`` sequences
+        when ``bptt_len`` divides both it and ``T``)."""
         plan = self.plan()
         # as long as the longest sequence: with split episodes all may be shorter than bptt_len
-        L = int(plan.length.max()) if self.split_episodes else self.L  # once per epoch
+        L = int(plan.length.max())  # once per epoch
         offsets = torch.arange(L, device=self.device)[:, None]  # (L, 1)
         valid = offsets < plan.length  # (L, K)
-        padded = self.split_episodes and not bool(valid.all())  # fixed windows never pad
+        padded = not bool(valid.all())  # windows cut short by the rollout's end or an episode
         rows = (plan.t + offsets).clamp(max=self.T - 1), plan.env.expand(L, -1)
         names = ("obs", "is_first", "actions", "log_probs", "values", "advantages", "returns")
         fields = {name: getattr(self, name)[rows] for name in names}  # (L, K, ...)

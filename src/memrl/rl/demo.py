@@ -4,12 +4,13 @@ side by side, ending in a table (what ``make run`` shows)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Literal
 
-from memrl.rl.ppo import PPOConfig, train_ppo
+from memrl.rl.config import PPOConfig
+from memrl.rl.ppo import train_ppo
+from memrl.runs import write_json
 
 
 @dataclasses.dataclass
@@ -64,6 +65,6 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     table = "\n".join(lines)
     print(table)
     (root / "demo.md").write_text(table.strip() + "\n")
-    (root / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(root / "demo.json", rows)
     print(f"\nruns in {root} (tensorboard --logdir {root})")
     return rows

@@ -8,7 +8,7 @@
 
 Discrete-type spaces (Discrete, MultiDiscrete, MultiBinary, and Tuple / Dict of those) become
 one categorical head per discrete choice, sampled independently: the joint log-prob and the
-entropy are sums over heads (the factored "dual head" of seeds/004, e.g. a grid's (x, y)).
+entropy are sums over heads (the factored "dual head" of the R2D2 LSTM spec, e.g. a grid's (x, y)).
 A float Box becomes a diagonal Gaussian over its flattened dimensions: the policy outputs the
 mean and owns its log-std; actions are not squashed (the env wrapper clips them).
 

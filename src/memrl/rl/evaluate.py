@@ -1,23 +1,24 @@
 """``memrl ppo-eval RUN_DIR``: evaluate a PPO checkpoint, optionally resetting the memory every
-K steps (seed 002's temporal-awareness ablation); a sweep over K writes a return-vs-K plot."""
+K steps (the temporal-awareness ablation of the Tamiyo recurrence spec); a sweep over K writes a
+return-vs-K plot."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import tyro
 
 from memrl.envs import make_vector_env, vector_env_seeds
-from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device
+from memrl.rl.agent import PPOAgent
+from memrl.rl.config import PPOConfig
+from memrl.rl.rollout import EpisodeTracker
+from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device, write_json
 from memrl.runs.metrics import plt
-
-if TYPE_CHECKING:
-    from memrl.rl.ppo import PPOAgent
 
 
 @dataclasses.dataclass
@@ -28,40 +29,24 @@ class PPOEvalConfig:
     """Run directory written by `memrl ppo`."""
     episodes: int = 32
     """Episodes per evaluation."""
-    reset_every: tuple[int, ...] = ()
-    """Reset the memory every K steps; several values run a sweep (return-vs-K plot)."""
+    reset_every: Annotated[
+        tuple[int, ...], tyro.conf.arg(help_behavior_hint="(default: no forced reset)")
+    ] = ()
+    """Also evaluate with the memory reset every K steps (several K: a return-vs-K plot)."""
     greedy: bool = True
     """Greedy (mode) actions; --no-greedy samples."""
     seed: int = 10_000
     """Seed of the evaluation environments."""
-    device: str = "cpu"
-    """Device to evaluate on."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to evaluate: auto picks cuda, then mps, then cpu."""
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
-            raise ValueError(f"episodes={self.episodes}; expected a positive integer")
+            raise ValueError(f"--episodes {self.episodes}; expected a positive integer")
         if any(k < 1 for k in self.reset_every):
-            raise ValueError(f"reset_every={self.reset_every}; expected positive integers")
-
-
-class EpisodeTracker:
-    """Undiscounted returns and lengths of the episodes that end, per env."""
-
-    def __init__(self, num_envs: int) -> None:
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-        self.finished: list[float] = []
-
-    def update(self, rewards: np.ndarray, dones: np.ndarray) -> None:
-        self.returns += rewards
-        self.lengths += 1
-        self.finished.extend(self.returns[dones].tolist())
-        self.returns[dones] = 0.0
-        self.lengths[dones] = 0
-
-    def pop(self) -> list[float]:
-        out, self.finished = self.finished, []
-        return out
+            raise ValueError(
+                f"--reset-every {' '.join(map(str, self.reset_every))}; expected positive integers"
+            )
 
 
 def evaluate(
@@ -73,7 +58,7 @@ def evaluate(
     greedy: bool = True,
 ) -> float:
     """Mean undiscounted return over ``episodes`` episodes; ``reset_every`` K resets the memory
-    every K steps (seed 002's temporal-awareness ablation)."""
+    every K steps (the Tamiyo recurrence spec's temporal-awareness ablation)."""
     num_envs = min(episodes, 16)
     envs = make_vector_env(env_id, num_envs, seed, "sync", autoreset_mode="same_step")
     policy, device = agent.policy, agent.device
@@ -104,13 +89,14 @@ def evaluate(
 def run_ppo_eval(cfg: PPOEvalConfig) -> dict:
     """Load the run's config and last checkpoint, evaluate, write eval.json (and the sweep
     plot)."""
-    from memrl.rl.ppo import PPOAgent, PPOConfig
-
     if not (cfg.run_dir / "config.yaml").is_file():
         raise ConfigError(f"{cfg.run_dir} is not a memrl ppo run directory (no config.yaml)")
     train_cfg = load_config(PPOConfig, cfg.run_dir / "config.yaml")
     ckpt = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:  # e.g. cuda asked for on a machine without it
+        raise ConfigError(f"--device {cfg.device}: {err}") from None
     probe = make_vector_env(train_cfg.env, 1, cfg.seed, "sync")
     agent = PPOAgent(train_cfg, probe.single_observation_space, probe.single_action_space, device)
     probe.close()
@@ -140,6 +126,6 @@ def run_ppo_eval(cfg: PPOEvalConfig) -> dict:
         (cfg.run_dir / "plots").mkdir(exist_ok=True)
         fig.savefig(cfg.run_dir / "plots" / "return_vs_reset_every.png", dpi=110)
         plt.close(fig)
-    (cfg.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(cfg.run_dir / "eval.json", results)
     print(json.dumps(results, indent=2))
     return results

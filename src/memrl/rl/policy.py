@@ -1,9 +1,11 @@
-"""RecurrentActorCritic (seed 002): encoder MLP -> memory core -> actor head(s) and critic head.
+"""RecurrentActorCritic (the Tamiyo recurrence spec's): encoder MLP -> memory core -> actor
+head(s) and critic head.
 
 Only the core's output ``y`` reaches the heads (for the LSTM that is ``h``; ``c`` stays in the
-state: seed 004). ``--core none`` is the feed-forward baseline on the same code path. With
-``separate_critic`` the critic has its own encoder and core; the state is then the actor's state
-tuple followed by the critic's, so buffers still see one tuple of batch-first tensors.
+state, as the R2D2 LSTM spec asks). ``--core none`` is the feed-forward baseline on the same
+code path. With ``separate_critic`` the critic has its own encoder and core; the state is then
+the actor's state tuple followed by the critic's, so buffers still see one tuple of batch-first
+tensors.
 """
 
 from __future__ import annotations

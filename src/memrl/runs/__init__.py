@@ -9,10 +9,10 @@ from memrl.runs.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from memrl.runs.config import ConfigError, RunOptions, load_config, save_config
-from memrl.runs.metrics import MetricsLogger, plot_metrics, read_metrics
-from memrl.runs.rundir import NonFiniteLossError, Run
-from memrl.runs.seeding import resolve_device, seed_everything
+from memrl.runs.config import ConfigError, RunOptions, changed_flags, load_config, save_config
+from memrl.runs.metrics import MetricsLogger, plot_metrics, read_metrics, write_json
+from memrl.runs.rundir import NonFiniteLossError, Run, check_writable_file
+from memrl.runs.seeding import rank_seed, resolve_device, seed_everything
 
 __all__ = [
     "CheckpointError",
@@ -21,9 +21,12 @@ __all__ = [
     "NonFiniteLossError",
     "Run",
     "RunOptions",
+    "changed_flags",
+    "check_writable_file",
     "load_checkpoint",
     "load_config",
     "plot_metrics",
+    "rank_seed",
     "read_metrics",
     "resolve_device",
     "rng_state",
@@ -32,4 +35,5 @@ __all__ = [
     "seed_everything",
     "distributed",
     "set_rng_state",
+    "write_json",
 ]

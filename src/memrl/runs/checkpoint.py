@@ -26,8 +26,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not a memrl checkpoint."""
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (state dicts, counters, RNG states, ...) to ``path`` atomically."""
+def save_checkpoint(
+    path: str | os.PathLike, payload: dict[str, Any], previous: str | os.PathLike | None = None
+) -> Path:
+    """Write ``payload`` (state dicts, counters, RNG states, ...) to ``path`` atomically. With
+    ``previous``, the file ``path`` held is kept there: renamed only once the new one is fully
+    written, so at every moment one of the two names holds a complete checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -41,6 +45,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,7 +6,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 
@@ -20,7 +20,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class RunOptions:
-    """Flags shared by every trainer (inherited by each command's config)."""
+    """Flags shared by every trainer (inherited by each command's config).
+
+    ``RESUME_FLAGS`` names the fields a ``--resume`` may change: those that alter neither the
+    model nor the data layout (a trainer adds its own, such as its step budget)."""
+
+    RESUME_FLAGS: ClassVar[tuple[str, ...]] = ("device", "deterministic", "resume")
 
     seed: int = 0
     """Seed for python, numpy, torch and the environments."""
@@ -51,9 +56,39 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
+RUN_LOCAL = ("output_dir", "resume")
+"""Fields that belong to one run directory: never saved, so that ``--config`` of a saved run
+starts a new run rather than writing into the old one."""
+
+
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the full resolved config, enough to rerun, as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write the full resolved config, enough to rerun, as YAML (without the fields of
+    ``RUN_LOCAL``), atomically."""
+    data = {k: v for k, v in to_dict(config).items() if k not in RUN_LOCAL}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+def changed_flags(config: Any, saved: Any, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The fields (as ``--flag`` names, nested fields by their own name) whose values differ
+    between two configs of one class, leaving out ``allowed`` ones."""
+
+    def leaves(data: dict, out: dict) -> dict:
+        for key, value in data.items():
+            if isinstance(value, dict):
+                leaves(value, out)
+            else:
+                out[key] = value
+        return out
+
+    new, old = leaves(to_dict(config), {}), leaves(to_dict(saved), {})
+    return [
+        "--" + key.replace("_", "-")
+        for key in new
+        if key not in allowed and key not in RUN_LOCAL and new[key] != old.get(key)
+    ]
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
@@ -68,6 +103,8 @@ def load_config(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
         data = {}
+    if isinstance(data, dict):  # written by an older memrl: a config never names its run
+        data = {k: v for k, v in data.items() if k not in RUN_LOCAL}
     try:
         return from_dict(cls, data)
     except ConfigError as err:

@@ -121,6 +121,25 @@ def average_gradients(parameters) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    parameters: list[nn.Parameter],
+    max_grad_norm: float | None = None,
+) -> float | None:
+    """One optimiser step that every rank takes identically: zero the gradients, backpropagate
+    ``loss``, average the gradients of ``parameters`` over ranks, clip their global norm to
+    ``max_grad_norm`` (unless None) and step. Returns the norm before clipping, or None."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(parameters)
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(nn.utils.clip_grad_norm_(parameters, max_grad_norm))
+    optimizer.step()
+    return grad_norm
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``tensor`` over ranks, on ``tensor``'s device (a new tensor)."""
     if not active():

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -35,14 +36,35 @@ class MetricsLogger:
         record = {"step": int(step), "time": round(time.time() - self._start, 3)}
         for key, value in metrics.items():
             value = float(value)
-            record[key] = value if math.isfinite(value) else str(value)
+            record[key] = value
             self._writer.add_scalar(key, value, int(step))
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
         self._writer.close()
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON's ``null``): the
+    ``NaN`` / ``Infinity`` that Python's json writes by default are not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """Write ``value`` as indented strict JSON (see :func:`strict_json`), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(strict_json(value), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def read_metrics(path: str | Path) -> list[dict]:

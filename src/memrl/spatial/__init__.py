@@ -1,6 +1,7 @@
-"""Spatial memory (seed 000): a ConvGRU / ConvLSTM / S4D memory over frozen feature maps
-(``memrl.nn.fpn``), gated by a conditioning vector, trained as a forward-dynamics model (phase
-A), then read by policy and phase-boundary heads (phase B), then fine-tuned end to end (C).
+"""Spatial memory (the spatial-memory spec): a ConvGRU / ConvLSTM / S4D memory over frozen
+feature maps (``memrl.nn.fpn``), gated by a conditioning vector, trained as a forward-dynamics
+model (phase A), then read by policy and phase-boundary heads (phase B), then fine-tuned end to
+end (C).
 
 ``memrl spatial`` (:mod:`memrl.spatial.train`) and ``memrl spatial-eval``
 (:mod:`memrl.spatial.evaluate`).

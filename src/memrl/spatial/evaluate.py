@@ -1,4 +1,5 @@
-"""``memrl spatial-eval RUN_DIR``: the figures of seed 000's claims for a `memrl spatial` run.
+"""``memrl spatial-eval RUN_DIR``: the figures of the spatial-memory spec's claims for a
+`memrl spatial` run.
 
 Writes ``RUN_DIR/eval.json`` with, on the held-out demonstrations (the run's own split):
 
@@ -15,18 +16,18 @@ Writes ``RUN_DIR/eval.json`` with, on the held-out demonstrations (the run's own
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import tyro
 from tqdm.auto import tqdm
 
+from memrl.data import load_episodes
 from memrl.envs.push import PushConfig, PushEnv, run_episode
-from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device
-from memrl.spatial.data import load_spatial_data
+from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device, write_json
+from memrl.spatial.data import REQUIRED, SpatialDemos
 from memrl.spatial.model import SpatialModel
 from memrl.spatial.train import SpatialConfig, build_model, held_out
 
@@ -43,8 +44,8 @@ class SpatialEvalConfig:
     """Push episodes on held-out seeds after phase B or C (0: skip)."""
     seed: int = 1000
     """Seed of the first push episode (the next ones count up)."""
-    device: str = "cpu"
-    """Device to run the model on."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to run the model: auto picks cuda, then mps, then cpu."""
 
     def __post_init__(self) -> None:
         if self.episodes < 0:
@@ -84,14 +85,14 @@ def evaluate_spatial(cfg: SpatialEvalConfig) -> dict:
     """Compute the figures (module docstring) and write ``eval.json``."""
     device = resolve_device(cfg.device)
     model, run_cfg, payload = load_spatial_model(cfg.run_dir, device)
-    _, val, _ = load_spatial_data(cfg.dataset or run_cfg.dataset, run_cfg.val_fraction)
-    val.cache_features(model.encoder, device)
+    split = load_episodes(cfg.dataset or run_cfg.dataset, run_cfg.val_fraction, REQUIRED)
+    val = SpatialDemos.encode(split.val, model.encoder, device)
     figures = held_out(model, val, run_cfg, device)
     result: dict = {
         "phase": run_cfg.phase,
         "core": run_cfg.core,
         "held_out_demos": len(val),
-        "held_out_steps": int(val.lengths.sum()),
+        "held_out_steps": val.store.num_steps,
         "dynamics": {
             "kind": run_cfg.dyn_loss,
             "loss": figures["dyn_loss"],
@@ -113,7 +114,7 @@ def evaluate_spatial(cfg: SpatialEvalConfig) -> dict:
         result["policy_loss"] = figures["policy_loss"]
         if cfg.episodes:
             result["push"] = _push_success(model, payload, cfg, device)
-    (cfg.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(cfg.run_dir / "eval.json", result)
     line = (
         f"spatial-eval[{run_cfg.phase}]: dynamics {figures['dyn_loss']:.4f} vs copy "
         f"{figures['copy_loss']:.4f} ({1 - figures['dyn_vs_copy']:+.1%})"

@@ -1,21 +1,20 @@
-"""SpatialMemory: a memrl core over feature maps, gated by a conditioning vector (seed 000).
+"""SpatialMemory: a memrl core over feature maps, gated by a conditioning vector (the
+spatial-memory spec).
 
 ``SpatialMemory(z (T, B, C, S, S), condition (T, B, D), state, is_first (T, B))`` returns the
 memory maps ``h`` (T, B, K, S, S) and the new state; the state is the core's own (batch first),
 so every ``memrl.cores.state`` helper works on it. ``is_first`` carries episode starts *and* the
-seed's RecoveryTag: a tagged step resets the memory before it is consumed, like an episode start.
+spec's RecoveryTag: a tagged step resets the memory before it is consumed, like an episode start.
 
 Two kinds, chosen by the core's name:
 
-- ``conv_gru`` | ``conv_lstm`` (1-2 layers, the seed's Phase I): the core's own convolutions and
-  state layout, unrolled here so that the ConditionVector can act where the seed puts it -- FiLM
-  on the **gate pre-activations**, ``a <- (1 + gamma(c)) a + beta(c)`` for every gate (z, r and
-  the candidate of the GRU; i, f, g, o of the LSTM), per layer and per channel. The core's
-  ``forward`` cannot be used for this: it exposes no hook between its convolutions and its
-  nonlinearities, and ``memrl.cores`` is shared by every pipeline, so it is not edited. FiLM
-  starts at zero, so an untrained conditioning leaves the core exactly as ``core(x, ...)``
-  computes it (tested), and the GRU/LSTM equations below are those of ``memrl.cores.conv``.
-- ``s4d`` (the seed's Phase II): the maps are average-pooled to a ``grid x grid`` grid and
+- ``conv_gru`` | ``conv_lstm`` (1-2 layers, the spec's Phase I): the conv core of
+  ``memrl.cores``, with the ConditionVector acting where the spec puts it -- FiLM on the **gate
+  pre-activations**, ``a <- (1 + gamma(c)) a + beta(c)`` for every gate (z, r and the candidate
+  of the GRU; i, f, g, o of the LSTM), per layer and per channel, through the core's gate hook
+  (:data:`memrl.cores.conv.GateHook`). FiLM starts at zero, so an untrained conditioning leaves
+  the core exactly as ``core(x, ...)`` computes it.
+- ``s4d`` (the spec's Phase II): the maps are average-pooled to a ``grid x grid`` grid and
   flattened (C * grid^2 features), the S4D core runs over that sequence, and its output is
   reshaped to (C, grid, grid) and upsampled back to S x S for the heads. S4D has no gates, so
   FiLM acts on its input vector instead.
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memrl.cores import CONV_CORES, Core, State, make_core
+from memrl.cores.conv import GateHook
 
 SPATIAL_CORES = (*CONV_CORES, "s4d")
 
@@ -51,7 +51,7 @@ class SpatialMemory(nn.Module):
         if core not in SPATIAL_CORES:
             raise ValueError(f"core={core!r}; expected one of {', '.join(SPATIAL_CORES)}")
         if not 1 <= num_layers <= 2:
-            raise ValueError(f"num_layers={num_layers}; the seed's memory has 1 or 2 layers")
+            raise ValueError(f"num_layers={num_layers}; the spec's memory has 1 or 2 layers")
         if condition_dim < 0:
             raise ValueError(f"condition_dim={condition_dim}; expected >= 0")
         self.kind, self.size, self.condition_dim = core, size, condition_dim
@@ -79,8 +79,7 @@ class SpatialMemory(nn.Module):
                 num_layers=num_layers,
             )
             self.out_channels = hidden_channels
-            self._gates = 3 if core == "conv_gru" else 4
-            film_width = num_layers * self._gates * hidden_channels
+            film_width = num_layers * self.core.gate_channels
         # ConditionVector -> (gamma, beta); zero-initialised: no modulation until trained
         self.film = nn.Linear(condition_dim, 2 * film_width) if condition_dim else None
         if self.film is not None:
@@ -104,8 +103,8 @@ class SpatialMemory(nn.Module):
         film = self._film(condition, z.shape[:2])
         if self.kind == "s4d":
             return self._s4d(z, film, state, is_first)
-        self.core._check(z, state, is_first, sequence=True)
-        return self._conv_unroll(z, film, tuple(state), is_first)
+        hook = None if film is None else self._film_hook(film)
+        return self.core(z, state, is_first, gate_hook=hook)
 
     def step(
         self, z_t: torch.Tensor, condition_t: torch.Tensor | None, state: State, is_first_t
@@ -137,46 +136,14 @@ class SpatialMemory(nn.Module):
         h = F.interpolate(grid, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return h.view(T, B, C, self.size, self.size), state
 
-    def _conv_unroll(self, x, film, state, is_first):
-        """The unroll of ``memrl.cores.conv`` with FiLM between convolutions and gates."""
-        core, K, G = self.core, self.core.hidden_channels, self._gates
-        T, B = is_first.shape
-        keep = (~is_first).to(x.dtype).view(T, B, 1, 1, 1)
-        finals: list[list[torch.Tensor]] = [[] for _ in state]
-        for k, x_conv in enumerate(core.x_convs):
-            x_proj = x_conv(x.flatten(0, 1)).unflatten(0, (T, B))  # (T, B, G*K, S, S)
-            if film is None:
-                gamma = beta = None
-            else:
-                layer = film[..., k * G * K : (k + 1) * G * K]  # (T, B, 2, G*K)
-                gamma, beta = layer[..., None, None].unbind(2)  # (T, B, G*K, 1, 1) each
-            ys, layer_state = [], tuple(s[:, k] for s in state)
-            for t in range(T):
-                layer_state = tuple(s * keep[t] for s in layer_state)
-                g_t = None if gamma is None else (gamma[t], beta[t])
-                layer_state = self._cell(k, x_proj[t], layer_state, g_t)
-                ys.append(layer_state[0])
-            x = torch.stack(ys)  # (T, B, K, S, S)
-            for final, s in zip(finals, layer_state, strict=True):
-                final.append(s)
-        return x, tuple(torch.stack(f, 1) for f in finals)
+    def _film_hook(self, film: torch.Tensor) -> GateHook:
+        """The core's gate hook for FiLM ``film`` (T, B, 2, layers * G * K): layer k's gates
+        take the k-th block of G * K channels of gamma and beta."""
+        width = self.core.gate_channels  # G * K
+        gamma, beta = film[..., None, None].unbind(2)  # (T, B, layers * G * K, 1, 1) each
 
-    def _cell(self, k: int, x_proj, state: State, film) -> State:
-        core, K = self.core, self.core.hidden_channels
+        def hook(pre: torch.Tensor, layer: int, t: int, gates: slice) -> torch.Tensor:
+            lo, hi = layer * width + gates.start, layer * width + gates.stop
+            return (1 + gamma[t, :, lo:hi]) * pre + beta[t, :, lo:hi]
 
-        def modulate(pre: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-            if film is None:
-                return pre
-            gamma, beta = film
-            return (1 + gamma[:, lo * K : hi * K]) * pre + beta[:, lo * K : hi * K]
-
-        if self.kind == "conv_gru":  # seed 000's equations
-            (h,) = state
-            x_zr, x_n = x_proj.split([2 * K, K], 1)
-            z, r = torch.sigmoid(modulate(x_zr + core.h_convs_zr[k](h), 0, 2)).chunk(2, 1)
-            h_new = torch.tanh(modulate(x_n + core.h_convs_n[k](r * h), 2, 3))
-            return (torch.lerp(h, h_new, z),)
-        h, c = state
-        i, f, g, o = modulate(x_proj + core.h_convs[k](h), 0, 4).chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return hook

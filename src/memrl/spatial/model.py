@@ -1,4 +1,4 @@
-"""The spatial-memory stack of seed 000 and its losses.
+"""The stack of the spatial-memory spec and its losses.
 
 ::
 
@@ -7,10 +7,10 @@
     (h_t, a_t broadcast over the map) --predictor--> z^_{t+1}   L_dyn vs StopGrad(z_{t+1})
         (with ``residual``: z^_{t+1} = z_t + predictor(h_t, a_t), the change from the frame)
     (h_t, z_t) --policy--> tanh action;   h_t --segmenter--> P(phase boundary at t)
-    z_t --segmenter_z--> the same head without memory (the comparison of the seed's claim)
+    z_t --segmenter_z--> the same head without memory (the comparison of the spec's claim)
     h_t --ood--> P(OOD tag at t), trained only when the dataset has ``ood`` labels
 
-Every loss is averaged over valid steps with the seed's TrustMatrix weights ``w_t`` (1 when the
+Every loss is averaged over valid steps with the spec's TrustMatrix weights ``w_t`` (1 when the
 dataset has no ``trust`` key): ``L = sum_t w_t l_t / sum_t w_t``.
 """
 
@@ -84,7 +84,7 @@ class SpatialModel(nn.Module):
         super().__init__()
         self.residual = residual
         self.encoder = make_spatial_encoder(backbone, channels, size, pretrained)
-        self.encoder.requires_grad_(False)  # frozen: the seed's Stage 1 features
+        self.encoder.requires_grad_(False)  # frozen: the spec's Stage 1 features
         self.memory = SpatialMemory(
             core, channels, size, hidden_channels, num_layers, condition_dim, s4d_grid=s4d_grid
         )
@@ -110,7 +110,7 @@ class SpatialModel(nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W) uint8 -> raw frozen features P (N, C, S, S); no graph is built,
-        so no gradient can reach the encoder (the StopGrad of the seed's target)."""
+        so no gradient can reach the encoder (the StopGrad of the spec's target)."""
         return self.encoder(images)
 
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,8 @@ def _per_map(net: nn.Module, maps: torch.Tensor) -> torch.Tensor:
 def dynamics_per_step(
     prediction: torch.Tensor, z_next: torch.Tensor, kind: str = "mse"
 ) -> torch.Tensor:
-    """L_dyn of seed 000 per step against StopGrad(z_{t+1}): the mean squared error over the map
-    (``mse``) or 1 - cosine similarity of the flattened maps (``cosine``).
+    """L_dyn of the spatial-memory spec per step against StopGrad(z_{t+1}): the mean squared
+    error over the map (``mse``) or 1 - cosine similarity of the flattened maps (``cosine``).
     ``prediction``, ``z_next`` (..., C, S, S) -> (...)."""
     target = z_next.detach()  # StopGrad
     if kind == "mse":

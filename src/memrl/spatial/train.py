@@ -1,4 +1,4 @@
-"""``memrl spatial``: train spatial memory in the three phases of seed 000.
+"""``memrl spatial``: train spatial memory in the three phases of the spatial-memory spec.
 
 >>> memrl spatial --phase A --dataset data/push.hdf5 --epochs 5 --output-dir runs/spatial-A
 >>> memrl spatial --phase B --init-from runs/spatial-A --epochs 5 --output-dir runs/spatial-B
@@ -21,7 +21,6 @@ loss and the boundary F1 with and without memory. Writes ``model.pt`` and ``summ
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from memrl.data import load_episodes
 from memrl.nn.losses import huber_per_step, weighted_huber, weighted_mean
 from memrl.runs import (
     ConfigError,
@@ -39,7 +39,7 @@ from memrl.runs import (
     load_config,
     save_checkpoint,
 )
-from memrl.spatial.data import SpatialDemos, load_spatial_data
+from memrl.spatial.data import REQUIRED, SpatialBatch, SpatialDemos
 from memrl.spatial.model import (
     SpatialModel,
     boundary_f1,
@@ -65,8 +65,10 @@ ARCHITECTURE = (
 
 @dataclasses.dataclass
 class SpatialConfig(RunOptions):
-    """Spatial memory (seed 000): a ConvGRU/ConvLSTM/S4D memory over frozen feature maps, a
-    forward-dynamics loss, policy and segmenter heads; phases A, B, C."""
+    """Spatial memory (the spatial-memory spec): a ConvGRU/ConvLSTM/S4D memory over frozen
+    feature maps, a forward-dynamics loss, policy and segmenter heads; phases A, B, C."""
+
+    RESUME_FLAGS = (*RunOptions.RESUME_FLAGS, "epochs")
 
     phase: Literal["A", "B", "C"] = "A"
     """A: memory as a dynamics model; B: memory frozen, heads trained; C: end to end."""
@@ -94,7 +96,7 @@ class SpatialConfig(RunOptions):
     """Gate the memory with a ConditionVector (the standardised gripper position) by FiLM."""
     residual: bool = True
     """Predict z_{t+1} as z_t + Predictor(h_t, a_t) (starts at the copy baseline); off: the
-    seed's Predictor(h_t, a_t) alone."""
+    spec's Predictor(h_t, a_t) alone."""
     dyn_loss: Literal["mse", "cosine"] = "mse"
     """Forward-dynamics loss against StopGrad(z_{t+1})."""
     epochs: int = 10
@@ -195,54 +197,53 @@ def set_statistics(model: SpatialModel, train: SpatialDemos) -> None:
     mean, std = train.feature_stats()
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
+    statistics = train.store.statistics()
     if model.condition_dim:
-        model.condition_mean.copy_(train.states.mean(0))
-        model.condition_std.copy_(train.states.std(0).clamp(min=1e-3))
-    model.action_scale.copy_(train.actions.abs().amax(0).clamp(min=1e-3))
+        model.condition_mean.copy_(statistics.state_mean)
+        model.condition_std.copy_(statistics.state_std)
+    model.action_scale.copy_(statistics.action_scale)
 
 
-def memory_pass(model: SpatialModel, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardised features z and memory maps h of a time-major episode batch."""
-    z = model.standardize(batch["features"].to(device))  # (T, B, C, S, S)
-    condition = model.condition(batch["states"].to(device))
-    is_first = batch["is_first"].to(device)
-    h, _ = model.remember(z, condition, model.initial_state(z.shape[1], device), is_first)
+def memory_pass(model: SpatialModel, batch: SpatialBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised features z and memory maps h of a time-major episode batch (on the
+    model's device)."""
+    z = model.standardize(batch.features)  # (T, B, C, S, S)
+    state = model.initial_state(z.shape[1], z.device)
+    h, _ = model.remember(z, model.condition(batch.states), state, batch.is_first)
     return z, h
 
 
 def step_losses(
-    model: SpatialModel, phase: str, batch: dict, z, h, pos_weight: float, kind: str, device
+    model: SpatialModel, phase: str, batch: SpatialBatch, z, h, pos_weight: float, kind: str
 ) -> dict[str, torch.Tensor]:
-    """The losses of a phase for one batch; ``z``, ``h`` (T, B, ...) or (N, ...)."""
-    trust = batch["trust"].to(device)
-    actions = batch["actions"].to(device)
+    """The losses of a phase for one batch (on the model's device); ``z``, ``h`` (T, B, ...)."""
+    trust, actions = batch.trust, batch.actions
     scaled = actions / model.action_scale
     losses = {}
     if phase != "B":  # dynamics: steps whose next observation exists
-        weights = trust[:-1] * batch["has_next"][:-1].to(device)
+        weights = trust[:-1] * batch.has_next[:-1]
         prediction = model.predict_next(h[:-1], scaled[:-1], z[:-1])
         losses["dyn"] = dynamics_loss(prediction, z[1:], weights, kind)
     if phase != "A":
-        boundary = batch["boundary"].to(device)
+        boundary = batch.boundary
         losses["policy"] = weighted_huber(model.act(h, z), scaled, actions, trust)
         losses["segment"] = boundary_loss(model.boundary_logits(h), boundary, trust, pos_weight)
         losses["segment_z"] = boundary_loss(model.boundary_logits_z(z), boundary, trust, pos_weight)
-    if "ood" in batch:
-        losses["ood"] = boundary_loss(model.ood_logits(h), batch["ood"].to(device), trust, 1.0)
+    if batch.ood is not None:
+        losses["ood"] = boundary_loss(model.ood_logits(h), batch.ood, trust, 1.0)
     return losses
 
 
 @torch.no_grad()
 def cache_memory(model: SpatialModel, demos: SpatialDemos, batch_size: int, device) -> torch.Tensor:
     """Memory maps h of every step (N, K, S, S) float16 (phase B: the memory is frozen)."""
-    n_steps = int(demos.lengths.sum())
-    cache = torch.empty(n_steps, model.memory.out_channels, model.size, model.size)
+    cache = torch.empty(demos.store.num_steps, model.memory.out_channels, model.size, model.size)
     cache = cache.to(torch.float16)
     for which in demos.episode_batches(batch_size):
         batch = demos.episodes(which)
-        _, h = memory_pass(model, batch, device)
-        valid = batch["valid"]
-        cache[batch["index"][valid]] = h[valid.to(device)].to("cpu", torch.float16)
+        _, h = memory_pass(model, batch.to(device))
+        valid = batch.valid
+        cache[batch.index[valid]] = h[valid.to(device)].to("cpu", torch.float16)
     return cache
 
 
@@ -250,17 +251,18 @@ def cache_memory(model: SpatialModel, demos: SpatialDemos, batch_size: int, devi
 def held_out(model: SpatialModel, demos: SpatialDemos, cfg: SpatialConfig, device) -> dict:
     """Figures over whole held-out episodes: dynamics loss and copy baseline (trust-weighted
     over steps with a next observation), policy loss, boundary F1 with and without memory."""
-    n_steps = int(demos.lengths.sum())
-    flat = {k: torch.zeros(n_steps) for k in ("dyn", "copy", "w_dyn", "policy", "p_h", "p_z")}
+    keys = ("dyn", "copy", "w_dyn", "policy", "p_h", "p_z")
+    flat = {k: torch.zeros(demos.store.num_steps) for k in keys}
     for which in demos.episode_batches(cfg.batch_size):
         batch = demos.episodes(which)
-        z, h = memory_pass(model, batch, device)
-        actions = batch["actions"].to(device)
-        index, valid = batch["index"], batch["valid"]
+        on_device = batch.to(device)
+        z, h = memory_pass(model, on_device)
+        actions = on_device.actions
+        index, valid = batch.index, batch.valid
         out = {
             "dyn": torch.zeros(valid.shape, device=device),
             "copy": torch.zeros(valid.shape, device=device),
-            "w_dyn": (batch["trust"] * batch["has_next"]).to(device),
+            "w_dyn": on_device.trust * on_device.has_next,
             "policy": huber_per_step(model.act(h, z), actions / model.action_scale, actions),
             "p_h": model.boundary_logits(h).sigmoid(),
             "p_z": model.boundary_logits_z(z).sigmoid(),
@@ -273,8 +275,8 @@ def held_out(model: SpatialModel, demos: SpatialDemos, cfg: SpatialConfig, devic
             flat[key][index[valid]] = value[valid.to(device)].float().cpu()
     dyn = weighted_mean(flat["dyn"], flat["w_dyn"]).item()
     copy = weighted_mean(flat["copy"], flat["w_dyn"]).item()
-    with_memory = boundary_f1(flat["p_h"], demos.boundary, demos.lengths)
-    without = boundary_f1(flat["p_z"], demos.boundary, demos.lengths)
+    with_memory = boundary_f1(flat["p_h"], demos.boundary, demos.store.lengths)
+    without = boundary_f1(flat["p_z"], demos.boundary, demos.store.lengths)
     return {
         "dyn_loss": dyn,
         "copy_loss": copy,
@@ -291,25 +293,25 @@ def held_out(model: SpatialModel, demos: SpatialDemos, cfg: SpatialConfig, devic
 
 def _minibatches(
     cfg: SpatialConfig, train: SpatialDemos, memory_cache: torch.Tensor | None, epoch: int
-) -> list[dict]:
-    """This process's minibatches for ``epoch`` (its share under torchrun)."""
-    if memory_cache is None:  # A and C: whole episodes
+) -> list[SpatialBatch]:
+    """This process's minibatches for ``epoch`` (its share under torchrun): whole episodes
+    (phases A and C), or steps with their cached memory maps (B)."""
+    if memory_cache is None:
         order = distributed.shard_indices(len(train), epoch, cfg.seed)
         return [train.episodes(w) for w in train.episode_batches(cfg.batch_size, order)]
-    batches = []
     order = distributed.shard_indices(len(memory_cache), epoch, cfg.seed)
-    for index in order.split(cfg.frame_batch_size):
-        batch = train.frames(index)
-        batch["memory"] = memory_cache[index]
-        batches.append(batch)
-    return batches
+    return [
+        dataclasses.replace(train.frames(index), memory=memory_cache[index][None])
+        for index in order.split(cfg.frame_batch_size)
+    ]
 
 
 def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     """Train one phase (module docstring); writes ``model.pt`` and ``summary.json``."""
     cfg, init = resolve_init(cfg)
-    train, val, attrs = load_spatial_data(cfg.dataset, cfg.val_fraction)
+    split = load_episodes(cfg.dataset, cfg.val_fraction, REQUIRED)
     run = Run("spatial", cfg)
+    run.check_budget(cfg.epochs, "--epochs")
     device = run.device
     model = build_model(cfg, from_checkpoint=init is not None or cfg.resume is not None)
     model.to(device)
@@ -327,8 +329,8 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     distributed.broadcast_parameters(model)
     start = time.perf_counter()
     model.eval()
-    for demos in (train, val):
-        demos.cache_features(model.encoder, device)
+    train = SpatialDemos.encode(split.train, model.encoder, device)
+    val = SpatialDemos.encode(split.val, model.encoder, device)
     if init is None and ckpt is None:
         set_statistics(model, train)
     positives = float(train.boundary.sum())
@@ -345,30 +347,25 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
         start = time.perf_counter()
         batches = _minibatches(cfg, train, memory_cache, epoch)
         for batch in batches:
+            batch = batch.to(device)
             if memory_cache is None:
-                z, h = memory_pass(model, batch, device)
+                z, h = memory_pass(model, batch)
             else:
-                z = model.standardize(batch["features"].to(device))
-                h = batch["memory"].to(device).float()
-            losses = step_losses(model, cfg.phase, batch, z, h, pos_weight, cfg.dyn_loss, device)
+                z, h = model.standardize(batch.features), batch.memory.float()
+            losses = step_losses(model, cfg.phase, batch, z, h, pos_weight, cfg.dyn_loss)
             loss = sum(losses.values())
             if "dyn" in losses:  # the copy baseline on the same steps, for the log
-                weights = batch["trust"][:-1] * batch["has_next"][:-1]
-                losses["copy"] = dynamics_loss(z[:-1], z[1:], weights.to(device), cfg.dyn_loss)
+                weights = batch.trust[:-1] * batch.has_next[:-1]
+                losses["copy"] = dynamics_loss(z[:-1], z[1:], weights, cfg.dyn_loss)
             run.check_finite(epoch, loss=loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(params)
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            distributed.optimizer_step(optimizer, loss, params, cfg.grad_clip or None)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
         seconds = time.perf_counter() - start
         model.eval()
         figures = {f"train_{k}": v / len(batches) for k, v in sums.items()}
         figures |= {f"val_{k}": v for k, v in held_out(model, val, cfg, device).items()}
-        figures["steps_per_s"] = float(train.lengths.sum()) / seconds
+        figures["steps_per_s"] = train.store.num_steps / seconds
         figures = run.log(epoch, figures)
         bar.set_postfix(
             dyn=f"{figures['val_dyn_vs_copy']:.3f}xcopy", f1=f"{figures['val_f1_memory']:.2f}"
@@ -377,8 +374,7 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
         run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     bar.close()
     summary = figures | {"phase": cfg.phase, "epochs": cfg.epochs, "train_demos": len(train)}
-    run.finish()
-    if not run.is_main:
+    if not run.finish(summary):
         return summary
     save_checkpoint(
         run.dir / "model.pt",
@@ -386,10 +382,9 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
             "kind": "spatial",
             "phase": cfg.phase,
             "model": model.state_dict(),
-            "env_kwargs": attrs.get("env_args", {}).get("env_kwargs", {}),
+            "env_kwargs": split.attrs.get("env_args", {}).get("env_kwargs", {}),
         },
     )
-    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"spatial[{cfg.phase}, {cfg.core}]: held-out dynamics loss "
         f"{figures.get('val_dyn_loss', float('nan')):.4f} vs copy "

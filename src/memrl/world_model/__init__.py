@@ -1,4 +1,5 @@
-"""World model: seed 001's RSSM on the moving-dot world, its trainer and open-loop evaluation."""
+"""World model: the RSSM spec's model on the moving-dot world, its trainer and open-loop
+evaluation."""
 
 from memrl.world_model.rssm import (
     RSSM,

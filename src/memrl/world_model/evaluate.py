@@ -26,15 +26,14 @@ half, beside the R^2 of "the last position seen" on the same steps.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import tyro
 
 from memrl.envs.moving_dot import generate_moving_dot_sequences
-from memrl.runs import ConfigError, load_config, resolve_device
+from memrl.runs import ConfigError, load_config, resolve_device, write_json
 from memrl.runs.metrics import plt
 from memrl.world_model.train import RSSMTrainConfig, data_generator, load_world_model
 
@@ -56,8 +55,8 @@ class RSSMEvalConfig:
     """Open-loop rollouts averaged into the RSSM's prediction (0: follow the modes)."""
     seed: int = 0
     """Seed of the sampling (the held-out data depend only on the training seed)."""
-    device: str = "cpu"
-    """Device to evaluate on."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to evaluate: auto picks cuda, then mps, then cpu."""
 
     def __post_init__(self) -> None:
         if self.sequences < 4 or self.horizons < 1 or self.samples < 0:
@@ -188,7 +187,7 @@ def run_rssm_eval(cfg: RSSMEvalConfig) -> dict:
         "probe_r2_last_seen": last_seen,
         "occluded_fraction": float((~data["visible"]).float().mean()),
     }
-    (cfg.output_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(cfg.output_dir / "eval.json", results)
     plot_eval_curves(results, cfg.output_dir / "eval_curves.png")
     for h in (1, 5, 10, 20):
         if h <= N:

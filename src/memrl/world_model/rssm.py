@@ -1,4 +1,4 @@
-"""Recurrent State-Space Model (seed 001; Hafner et al. 2019, "PlaNet"; DreamerV3 options).
+"""Recurrent State-Space Model (the RSSM spec; Hafner et al. 2019, "PlaNet"; DreamerV3 options).
 
 At step ``t``, with ``actions[t]`` the action leading into frame ``t``::
 
@@ -7,9 +7,9 @@ At step ``t``, with ``actions[t]`` the action leading into frame ``t``::
     q(z_t | h_t, embed(obs_t))                    posterior
     obs_t ~ decoder(h_t, z_t)
 
-Latents are diagonal Gaussians (``latent="gaussian"``, the seed's) or DreamerV3's ``groups x
+Latents are diagonal Gaussians (``latent="gaussian"``, the spec's) or DreamerV3's ``groups x
 classes`` one-hots with straight-through gradients and 1% uniform mixing (``"categorical"``).
-Inputs are batch-first as in the seed (``obs`` (B, T, 1, H, W), ``actions`` (B, T, A)); the core
+Inputs are batch-first as in the spec (``obs`` (B, T, 1, H, W), ``actions`` (B, T, A)); the core
 runs time-major. ``is_first`` (B, T) resets the core and zeroes ``z_{t-1}`` and ``a_t``.
 
 ``DeterministicModel`` is the baseline without a stochastic latent: the same encoder, core and
@@ -19,11 +19,11 @@ decoder, with the previous frame's embedding as input, rolled open loop on its o
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+import tyro
 from torch import distributions as D
 from torch import nn
 
@@ -31,16 +31,27 @@ from memrl.cores import make_core
 from memrl.cores.base import State
 
 
+def encoder_depth(grid_size: int) -> int:
+    """Stride-2 convolutions the encoder applies: it halves the image while the result is a
+    whole number of at least 4 pixels (32 -> 4 x 4 in 3, 48 -> 6 x 6 in 3, 72 -> 9 x 9 in 3)."""
+    depth = 0
+    while grid_size % 2 == 0 and grid_size // 2 >= 4:
+        grid_size, depth = grid_size // 2, depth + 1
+    return depth
+
+
 @dataclasses.dataclass
 class RSSMConfig:
     """Model hyperparameters."""
 
     grid_size: int = 32
-    """Image size H = W (a power of two >= 8; the encoder halves it down to 4 x 4)."""
-    action_dim: int = 2
-    """Action size A."""
-    channels: tuple[int, ...] = (16, 32, 64)
-    """Encoder channels per stride-2 conv, one per halving from grid_size to 4 (decoder mirrors)."""
+    """Image size H = W (at least 8, and even: the encoder halves it while the result stays a
+    whole number >= 4, e.g. 32 -> 4 x 4, 48 -> 6 x 6)."""
+    action_dim: Annotated[int, tyro.conf.Suppress] = 2
+    """Action size A (set by the environment, not a flag)."""
+    channels: tuple[int, ...] | None = None
+    """Encoder channels per stride-2 conv (the decoder mirrors them); default: 16, 32, 64, ...
+    (capped at 256), one per halving of grid_size. Fewer entries stop halving earlier."""
     core: Literal["gru", "lstm"] = "gru"
     """Deterministic path: a memrl core."""
     deter_size: int = 200
@@ -48,7 +59,7 @@ class RSSMConfig:
     hidden_size: int = 200
     """Width of the prior / posterior MLPs and of the core's input layer."""
     latent: Literal["gaussian", "categorical"] = "gaussian"
-    """Stochastic latent z: diagonal Gaussian (seed 001) or DreamerV3 one-hot groups."""
+    """Stochastic latent z: diagonal Gaussian (the RSSM spec's) or DreamerV3 one-hot groups."""
     stoch_size: int = 30
     """Gaussian z dimensions."""
     groups: int = 32
@@ -62,16 +73,34 @@ class RSSMConfig:
 
     def __post_init__(self) -> None:
         size = self.grid_size
-        if size < 8 or size & (size - 1):
-            raise ValueError(f"grid_size={size}; expected a power of two >= 8")
-        needed = int(math.log2(size // 4))
-        if len(self.channels) != needed:
+        depth = encoder_depth(size)
+        if depth == 0:
+            raise ValueError(f"grid_size={size}; expected an even size of at least 8")
+        if not 1 <= len(self.conv_channels) <= depth or min(self.conv_channels) < 1:
             raise ValueError(
-                f"channels={self.channels} has {len(self.channels)} entries; grid_size={size} "
-                f"needs {needed} (one stride-2 conv per halving down to 4 x 4)"
+                f"channels={self.channels}; grid_size={size} takes 1 to {depth} positive "
+                f"entries (one stride-2 conv per halving, down to {size >> depth} x "
+                f"{size >> depth} at most)"
             )
+        for name in ("deter_size", "hidden_size", "stoch_size", "groups", "classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
         if not 0 <= self.unimix < 1:
             raise ValueError(f"unimix={self.unimix}; expected a value in [0, 1)")
+        if not self.min_std >= 0:
+            raise ValueError(f"min_std={self.min_std}; expected a value >= 0")
+
+    @property
+    def conv_channels(self) -> tuple[int, ...]:
+        """``channels``, or when None the default for ``grid_size``."""
+        if self.channels is not None:
+            return tuple(self.channels)
+        return tuple(min(16 * 2**i, 256) for i in range(encoder_depth(self.grid_size)))
+
+    @property
+    def final_size(self) -> int:
+        """Side of the encoder's last feature map (the decoder's first)."""
+        return self.grid_size >> len(self.conv_channels)
 
     @property
     def z_size(self) -> int:
@@ -79,40 +108,41 @@ class RSSMConfig:
 
 
 class CNNEncoder(nn.Module):
-    """obs (N, 1, H, W) -> embed (N, channels[-1] * 16): stride-2 4x4 convs with SiLU.
+    """obs (N, 1, H, W) -> embed (N, channels[-1] * S * S): stride-2 4x4 convs with SiLU, down
+    to an S x S map (S = ``RSSMConfig.final_size``).
 
     Convolutions run channels-last (measured 1.6x faster forward + backward on this CPU)."""
 
-    def __init__(self, grid_size: int, channels: tuple[int, ...]) -> None:
+    def __init__(self, channels: tuple[int, ...], final_size: int = 4) -> None:
         super().__init__()
         layers, inp = [], 1
         for out in channels:
             layers += [nn.Conv2d(inp, out, 4, stride=2, padding=1), nn.SiLU()]
             inp = out
         self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
-        self.embed_size = channels[-1] * 16
+        self.embed_size = channels[-1] * final_size**2
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs.contiguous(memory_format=torch.channels_last)).flatten(1)
 
 
 class CNNDecoder(nn.Module):
-    """features (N, F) -> image mean (N, 1, H, W): a linear map to 4 x 4, then stride-2 4x4
-    transposed convs mirroring the encoder."""
+    """features (N, F) -> image mean (N, 1, H, W): a linear map to an S x S map, then stride-2
+    4x4 transposed convs mirroring the encoder."""
 
-    def __init__(self, input_size: int, channels: tuple[int, ...]) -> None:
+    def __init__(self, input_size: int, channels: tuple[int, ...], final_size: int = 4) -> None:
         super().__init__()
         rev = list(reversed(channels))
-        self.linear = nn.Linear(input_size, rev[0] * 16)
+        self.linear = nn.Linear(input_size, rev[0] * final_size**2)
         layers = []
         for inp, out in zip(rev, [*rev[1:], 1], strict=True):
             layers += [nn.ConvTranspose2d(inp, out, 4, stride=2, padding=1), nn.SiLU()]
         # no activation on the output; channels-last as in the encoder
         self.net = nn.Sequential(*layers[:-1]).to(memory_format=torch.channels_last)
-        self.start = rev[0]
+        self.start = (rev[0], final_size, final_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.linear(features)).view(-1, self.start, 4, 4)
+        x = F.silu(self.linear(features)).view(-1, *self.start)
         return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
@@ -126,13 +156,13 @@ def _fold(x: torch.Tensor) -> torch.Tensor:
 
 
 class RSSM(nn.Module):
-    """Encoder, core, prior, posterior and decoder of seed 001."""
+    """Encoder, core, prior, posterior and decoder of the RSSM spec."""
 
     def __init__(self, config: RSSMConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.encoder = CNNEncoder(c.grid_size, c.channels)
-        self.decoder = CNNDecoder(c.deter_size + c.z_size, c.channels)
+        self.encoder = CNNEncoder(c.conv_channels, c.final_size)
+        self.decoder = CNNDecoder(c.deter_size + c.z_size, c.conv_channels, c.final_size)
         self.core_input = nn.Sequential(
             nn.Linear(c.z_size + c.action_dim, c.hidden_size), nn.SiLU()
         )
@@ -260,7 +290,7 @@ class RSSM(nn.Module):
         """(T, B, 1, H, W) -> (T, B, E)."""
         return self.encoder(_fold(obs)).view(*obs.shape[:2], -1)
 
-    # -- the seed's API (batch-first) ----------------------------------------------------------
+    # -- the spec's API (batch-first) ----------------------------------------------------------
     def forward(
         self,
         obs: torch.Tensor,
@@ -333,8 +363,8 @@ class DeterministicModel(nn.Module):
     def __init__(self, config: RSSMConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.encoder = CNNEncoder(c.grid_size, c.channels)
-        self.decoder = CNNDecoder(c.deter_size, c.channels)
+        self.encoder = CNNEncoder(c.conv_channels, c.final_size)
+        self.decoder = CNNDecoder(c.deter_size, c.conv_channels, c.final_size)
         self.core_input = nn.Sequential(
             nn.Linear(self.encoder.embed_size + c.action_dim, c.hidden_size), nn.SiLU()
         )

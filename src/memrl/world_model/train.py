@@ -1,8 +1,9 @@
-"""``memrl rssm``: train seed 001's RSSM on the moving-dot world (and the deterministic baseline).
+"""``memrl rssm``: train the RSSM spec's world model on the moving-dot world (and the
+deterministic baseline).
 
-Flags, spellings and defaults are the seed's (``--batch_size 32 --seq_len 64 --grid_size 32
+Flags, spellings and defaults are the spec's (``--batch_size 32 --seq_len 64 --grid_size 32
 --epochs 100 --lr 1e-3 --use_occlusion/--no_occlusion --output_dir outputs --viz_interval 10
---K 8``; hyphenated spellings work too). ``--output_dir`` receives the seed's outputs —
+--K 8``; hyphenated spellings work too). ``--output_dir`` receives the spec's outputs —
 ``model.pt``, ``recon_epoch*.png``, ``rollout_epoch*.png``, ``loss_curves.png``,
 ``eval_rollout.png`` — and the run-directory files (config.yaml, metrics.jsonl, TensorBoard
 events, checkpoints/), so ``--resume outputs`` continues a killed run.
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated
 
 import torch
+import tyro
 
 from memrl.envs.moving_dot import MovingDotConfig, generate_moving_dot_sequences
 from memrl.runs import (
@@ -36,19 +37,21 @@ from memrl.world_model.rssm import RSSM, DeterministicModel, RSSMConfig, rssm_lo
 
 @dataclasses.dataclass
 class RSSMTrainConfig(RunOptions):
-    """Train an RSSM world model on the moving-dot world with occlusion (seed 001). Flags may be
-    spelled as in the seed (--batch_size, --no_occlusion) or with hyphens."""
+    """Train an RSSM world model on the moving-dot world with occlusion (the RSSM spec). Flags may
+    be spelled as in the spec (--batch_size, --no_occlusion) or with hyphens."""
 
     seed: int = 42
     """Random seed (model init, data, sampling)."""
     output_dir: Path | None = Path("outputs")
     """Where model.pt, the plots and the run files go."""
+    model: Annotated[RSSMConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=RSSMConfig
+    )
+    """The world model: every RSSMConfig field is a flag (--grid_size, --channels, --groups)."""
     batch_size: int = 32
     """Sequences per gradient step."""
     seq_len: int = 64
     """Frames per training sequence."""
-    grid_size: int = 32
-    """Moving-dot image size H = W (a power of two >= 8)."""
     epochs: int = 100
     """Training epochs."""
     steps_per_epoch: int = 16
@@ -61,18 +64,6 @@ class RSSMTrainConfig(RunOptions):
     """Write recon_epoch*.png and rollout_epoch*.png every this many epochs."""
     K: int = 8
     """Context frames before open-loop prediction (plots and rssm-eval)."""
-    core: Literal["gru", "lstm"] = "gru"
-    """Deterministic path of both models: a memrl core."""
-    latent: Literal["gaussian", "categorical"] = "gaussian"
-    """Stochastic latent: diagonal Gaussian (seed 001) or DreamerV3-style 32 x 32 one-hots."""
-    channels: tuple[int, ...] = (16, 32, 64)
-    """Encoder channels per stride-2 conv (decoder mirrors); one per halving down to 4 x 4."""
-    deter_size: int = 200
-    """Deterministic state size."""
-    stoch_size: int = 30
-    """Gaussian latent size."""
-    hidden_size: int = 200
-    """MLP width of prior, posterior and core input."""
     dot_sigma: float = 2.0
     """Dot radius (Gaussian sigma, pixels). A small dot carries so little image energy that the
     RSSM predicts empty frames for hundreds of steps before it draws the dot (measured: sigma 1.5
@@ -90,7 +81,8 @@ class RSSMTrainConfig(RunOptions):
     log_interval: int = 4
     """Log metrics every this many gradient steps."""
 
-    # Seed 001 spells `--no_occlusion`; tyro would call it `--no-use-occlusion`.
+    RESUME_FLAGS = (*RunOptions.RESUME_FLAGS, "epochs", "viz_interval", "log_interval")
+    # The spec spells `--no_occlusion`; tyro would call it `--no-use-occlusion`.
     FLAG_ALIASES = {"--no-occlusion": "--no-use-occlusion"}
 
     def __post_init__(self) -> None:
@@ -103,23 +95,11 @@ class RSSMTrainConfig(RunOptions):
             )
         if not self.lr > 0 or not self.beta >= 0 or not 0 <= self.kl_balance <= 1:
             raise ValueError("lr must be positive, beta >= 0 and kl_balance in [0, 1]")
-        self.model_config()  # checks grid_size against channels
         self.data_config()
-
-    def model_config(self) -> RSSMConfig:
-        return RSSMConfig(
-            grid_size=self.grid_size,
-            channels=tuple(self.channels),
-            core=self.core,
-            deter_size=self.deter_size,
-            hidden_size=self.hidden_size,
-            latent=self.latent,
-            stoch_size=self.stoch_size,
-        )
 
     def data_config(self, seq_len: int | None = None) -> MovingDotConfig:
         return MovingDotConfig(
-            grid_size=self.grid_size,
+            grid_size=self.model.grid_size,
             seq_len=seq_len or self.seq_len,
             dot_sigma=self.dot_sigma,
             use_occlusion=self.use_occlusion,
@@ -135,9 +115,7 @@ def data_generator(seed: int, split: str, index: int | str = 0) -> torch.Generat
 def load_world_model(output_dir: str | Path) -> tuple[RSSM, DeterministicModel | None]:
     """``output_dir/model.pt`` -> (RSSM, deterministic baseline or None)."""
     payload = load_checkpoint(Path(output_dir) / "model.pt")
-    config = RSSMConfig(
-        **{**payload["model_config"], "channels": tuple(payload["model_config"]["channels"])}
-    )
+    config = RSSMConfig(**payload["model_config"])
     rssm = RSSM(config)
     rssm.load_state_dict(payload["rssm"])
     deterministic = None
@@ -148,12 +126,13 @@ def load_world_model(output_dir: str | Path) -> tuple[RSSM, DeterministicModel |
 
 
 def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
-    """Train, log, plot, checkpoint; writes model.pt and the seed's plots to the run directory."""
+    """Train, log, plot, checkpoint; writes model.pt and the spec's plots to the run directory."""
     run = Run("rssm", cfg)
+    run.check_budget(cfg.epochs * cfg.steps_per_epoch, "--epochs")
     device = run.device
-    model = RSSM(cfg.model_config()).to(device)
+    model = RSSM(cfg.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    baseline = DeterministicModel(cfg.model_config()).to(device) if cfg.baseline else None
+    baseline = DeterministicModel(cfg.model).to(device) if cfg.baseline else None
     baseline_opt = torch.optim.Adam(baseline.parameters(), lr=cfg.lr) if baseline else None
     if (ckpt := run.restore()) is not None:
         model.load_state_dict(ckpt["rssm"])
@@ -205,8 +184,7 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
         )
     bar.close()
     summary = figures | {"steps": step, "epochs": cfg.epochs}
-    run.finish()
-    if not run.is_main:
+    if not run.finish(summary):
         return summary
     save_checkpoint(
         run.dir / "model.pt",
@@ -218,7 +196,6 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
     )
     plot_loss_curves(run.dir / "metrics.jsonl", run.dir / "loss_curves.png")
     plot_rollout(model, view, cfg.K, run.dir / "eval_rollout.png", cfg.epochs, rows=4)
-    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"rssm: recon {figures.get('recon', float('nan')):.3f}; outputs in {run.dir}")
     return summary
 
@@ -226,22 +203,16 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
 def _train_step(cfg: RSSMTrainConfig, model: RSSM, optimizer, batch) -> dict[str, float]:
     out = model(batch["obs"], batch["actions"], is_first=batch["is_first"])
     losses = rssm_loss(model, batch["obs"], out, cfg.beta, cfg.kl_balance, cfg.free_bits)
-    optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    distributed.average_gradients(model.parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    return {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": float(grad_norm)}
+    grad_norm = distributed.optimizer_step(
+        optimizer, losses["loss"], list(model.parameters()), cfg.grad_clip
+    )
+    return {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": grad_norm}
 
 
 def _baseline_step(cfg: RSSMTrainConfig, model: DeterministicModel, optimizer, batch):
     recon = model(batch["obs"], batch["actions"])["recon"]
     loss = (recon - batch["obs"]).square().sum((-3, -2, -1)).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    distributed.average_gradients(model.parameters())
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    distributed.optimizer_step(optimizer, loss, list(model.parameters()), cfg.grad_clip)
     return {"deterministic_recon": float(loss.detach())}
 
 
