@@ -16,8 +16,8 @@ copies in a DummyVecEnv seeded as memrl seeds its vector env, each in sb3's Moni
 Architecture: memrl is encoder Linear(obs, 128) + tanh -> LSTM(128) -> linear actor and critic
 heads. sb3 gets the same: a features extractor Linear(obs, 128) + tanh (``Encoder`` below),
 ``lstm_hidden_size=128``, ``net_arch=[]`` (heads read the LSTM output directly), orthogonal init
-with sb3's gains (sqrt 2 encoder, 0.01 actor, 1 critic: memrl's too). Two layouts
-(../shared/notes/popgym.md, "a fair speed comparison reports two ratios"):
+with sb3's gains (sqrt 2 encoder, 0.01 actor, 1 critic: memrl's too). Two layouts, since a fair
+speed comparison reports two ratios (each framework's default, and each one's fastest):
 
   default  sb3's default: separate actor and critic LSTMs (here also separate encoders)
            vs memrl ``--separate-critic``

@@ -30,7 +30,6 @@ from memrl.imitation.trainer import (
     train_imitation,
 )
 from memrl.nn.backbones import make_backbone
-from memrl.nn.losses import weighted_huber
 from memrl.runs import distributed
 
 
@@ -158,13 +157,7 @@ def act_loss(policy: ACTPolicy, batch: Batch, augment: bool) -> torch.Tensor:
     """Magnitude-weighted Huber loss over each chunk's steps within the demonstration."""
     images = augment_images(batch.images) if augment else batch.images
     raw = policy(images, batch.states)
-    return weighted_huber(
-        policy.decode(raw),
-        policy.target(batch.actions),
-        batch.actions,
-        batch.valid,
-        policy.use_spherical,
-    )
+    return policy.loss(raw, batch)
 
 
 def act_batches(cfg: ACTConfig, demos: EpisodeStore, epoch: int | None) -> list[Batch]:

@@ -29,7 +29,6 @@ from memrl.imitation.trainer import (
     train_imitation,
 )
 from memrl.nn.backbones import make_backbone
-from memrl.nn.losses import weighted_huber
 from memrl.runs import distributed
 
 
@@ -90,13 +89,7 @@ def bc_loss(policy: VisuomotorBCPolicy, batch: Batch, augment: bool) -> torch.Te
     images = augment_images(batch.images) if augment else batch.images
     state = policy.initial_state(images.shape[1], images.device)
     raw, _ = policy(images, batch.states, state, batch.is_first)
-    return weighted_huber(
-        policy.decode(raw),
-        policy.target(batch.actions),
-        batch.actions,
-        batch.valid,
-        policy.use_spherical,
-    )
+    return policy.loss(raw, batch)
 
 
 def bc_batches(cfg: BCConfig, demos: EpisodeStore, epoch: int | None) -> list[Batch]:

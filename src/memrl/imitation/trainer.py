@@ -24,6 +24,7 @@ from torch import nn
 
 from memrl.data import Batch, EpisodeStore, Statistics, load_episodes
 from memrl.imitation.codings import cartesian_to_spherical, decode_spherical, spherical_to_cartesian
+from memrl.nn.losses import weighted_huber
 from memrl.runs import Run, RunOptions, distributed, save_checkpoint
 
 
@@ -104,6 +105,14 @@ class ImitationPolicy(nn.Module):
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Head outputs -> what the loss compares with :meth:`target`."""
         return decode_spherical(raw) if self.use_spherical else raw
+
+    def loss(self, raw: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The magnitude-weighted Huber loss of head outputs ``raw`` against the batch's expert
+        actions, over its valid steps (the visuomotor imitation spec's loss)."""
+        actions = batch.actions
+        return weighted_huber(
+            self.decode(raw), self.target(actions), actions, batch.valid, self.use_spherical
+        )
 
     def to_action(self, raw: torch.Tensor) -> torch.Tensor:
         """Head outputs -> Cartesian env actions, clipped to [-1, 1]."""
