@@ -17,7 +17,8 @@ from memrl.envs.moving_dot import (
 from memrl.envs.popgym import POPGYM_ENVS, FlatObservation, is_popgym_env, make_popgym_env
 from memrl.envs.registry import ID_FORMS, make_env, make_vector_env, vector_env_seeds
 
-# the Tamiyo recurrence spec's task; gymnasium builds it lazily
+# the Tamiyo recurrence spec's task; gymnasium builds it lazily, passing make's keyword arguments
+# (e.g. obs_mode="rich") to SeedLifecycleEnv
 if "memrl/SeedLifecycle" not in gym.registry:
     gym.register("memrl/SeedLifecycle", "memrl.envs.seed_lifecycle:SeedLifecycleEnv")
 

@@ -46,24 +46,44 @@ the ``invalid`` term.
 
 Counterfactual contribution of the active seed, measured after every epoch: validation
 accuracy with the seed at its alpha (at alpha = 1 in TRAINING, i.e. what it would add) minus
-validation accuracy with its alpha forced to 0.
+validation accuracy with its alpha forced to 0. The controller sees it; the reward does not pay
+it (see below).
+
+Observation (``obs_mode``; ``feature_names`` lists the slots by name):
+  "spec" (default, 26 features) what the Tamiyo recurrence spec's MLP controller has at one
+         epoch: the epoch; train and validation loss and accuracy and their one-step deltas;
+         the active seed's stage (one-hot), age, alpha, blueprint (one-hot), current
+         contribution and parameters; free slots, fossilised slots and parameters added. Every
+         feature is a function of the current epoch and the one before: trends, plateaus and a
+         seed's history are left for the policy's memory to infer.
+  "rich" (36 features, those of earlier versions in their order) "spec" plus the history
+         ``HISTORY_FEATURES``: validation accuracy and loss of the 3 epochs before, the best
+         validation accuracy so far, the plateau length, the one-step change of the seed's
+         contribution and the culls so far.
 
 Reward: the sum of the terms in ``info["reward_terms"]``, with the weights of ``RewardWeights``
-(defaults 1, 0.1, 0.05, 1, 0.1; accuracies as fractions in [0, 1]):
-  counterfactual  ``counterfactual * c`` with ``c`` the active seed's contribution while it
-                  is in the host's forward (BLENDING, PROBATIONARY; 0 otherwise): the accuracy
-                  improvement attributed to the seed, every epoch it is on trial. Fossilised
-                  seeds are not paid again: once the host has trained with a seed for several
-                  epochs, removing it measures co-adaptation more than improvement, so what
-                  they bring shows in the terminal accuracy instead.
-  stage           potential-based shaping ``stage * (gamma * phi' - phi)`` with
-                  ``phi = sum of STAGE_POTENTIAL[stage]`` over the seeds in slots (0 at the
-                  terminal state, so the shaping sums to about zero over an episode and does
-                  not change the optimal policy; Ng et al. 1999).
-  rent            ``-rent * seed parameters / host parameters`` for every live seed:
-                  parameters and compute are not free.
-  terminal        ``terminal * final validation accuracy`` on the last epoch.
-  invalid         ``-invalid`` when a masked action was taken (then treated as WAIT).
+(defaults 1, 0.1, 0.01, 0.1; accuracies as fractions in [0, 1]):
+  progress  ``progress * (val_acc - previous val_acc)``: the epoch's change in the host's
+            validation accuracy. Over an episode it sums to the final accuracy minus the
+            untrained host's, so the return is the host's gain, paid as it happens: a seed's
+            worth shows when it blends in and stays in the final accuracy if it is kept, and
+            removing one (cull or timeout) shows as whatever the host loses with it.
+  rent      ``-rent * live seed parameters / host parameters / max_epochs`` every epoch: a seed
+            as large as the host, kept the whole episode, costs ``rent`` of accuracy.
+  trial     ``-trial`` per GERMINATE: a trial must be worth more than ``trial`` of accuracy, so
+            germinate-then-cull loops and trials left to time out cost what they do not earn.
+  invalid   ``-invalid`` when a masked action was taken (then treated as WAIT).
+Why not pay the counterfactual contribution: once a seed is in the host's forward pass the host
+co-adapts to it, and removing it measures that co-adaptation more than what the seed adds. Paid
+every epoch on trial, it made cycling trials to timeout (no seed ever kept) earn more than twice
+what fossilising earned, although fossilising ends with the more accurate host; paid once at
+fossilisation, it pays double for a seed held to the end of its probation rather than
+fossilised at once, for a slightly less accurate host. Nor stage shaping: with gamma < 1 its
+undiscounted sum charges seeds for being held, fossils most, by several times the accuracy gap
+between fossilising and cycling.
+
+``reward_terms`` and ``observation_features`` (of an ``EpochReport``) read plain numbers only,
+so that one host or a batch of hosts can share them.
 
 At the last step ``info["episode"]`` holds the episode's statistics: final validation accuracy,
 parameters added, germinations, fossilisations, agent culls, culls of seeds whose contribution
@@ -78,7 +98,7 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -105,13 +125,6 @@ class Op(enum.IntEnum):
     CULL = 3
 
 
-STAGE_POTENTIAL = {
-    Stage.GERMINATED: 1.0,
-    Stage.TRAINING: 2.0,
-    Stage.BLENDING: 3.0,
-    Stage.PROBATIONARY: 4.0,
-    Stage.FOSSILIZED: 5.0,
-}
 _CULLABLE = (Stage.TRAINING, Stage.BLENDING, Stage.PROBATIONARY)
 
 
@@ -253,13 +266,117 @@ class Seed:
 
 @dataclass(frozen=True)
 class RewardWeights:
-    """Weights of the reward terms (see the module docstring)."""
+    """Weights of the reward terms (see the module docstring), in units of validation accuracy."""
 
-    counterfactual: float = 1.0
-    stage: float = 0.1
-    rent: float = 0.05
-    terminal: float = 1.0
+    progress: float = 1.0
+    rent: float = 0.1
+    trial: float = 0.01
     invalid: float = 0.1
+
+
+def reward_terms(
+    weights: RewardWeights,
+    val_acc: float,
+    previous_val_acc: float,
+    params_ratio: float,
+    max_epochs: int,
+    germinated: bool,
+    invalid: bool,
+) -> dict[str, float]:
+    """One epoch's reward terms (their sum is the reward). ``params_ratio``: parameters of the
+    live seeds after the epoch over the host's; ``germinated``: the epoch began with a GERMINATE;
+    ``invalid``: a masked action was taken."""
+    return {
+        "progress": weights.progress * (val_acc - previous_val_acc),
+        "rent": -weights.rent * params_ratio / max_epochs,
+        "trial": -weights.trial if germinated else 0.0,
+        "invalid": -weights.invalid if invalid else 0.0,
+    }
+
+
+OBS_MODES = ("spec", "rich")
+_STAGE_NAMES = ("none", "germinated", "training", "blending", "probationary")  # Stage 0..4
+HISTORY_FEATURES = (
+    "val_acc_prev1", "val_acc_prev2", "val_acc_prev3",
+    "val_loss_prev1", "val_loss_prev2", "val_loss_prev3",
+    "best_val_acc", "plateau_fraction", "seed_contribution_delta_x10", "culls_fraction",
+)  # fmt: skip
+"""The features of ``obs_mode="rich"`` that ``"spec"`` leaves out: history over several epochs."""
+
+
+def feature_names(obs_mode: str, blueprints: tuple[str, ...]) -> tuple[str, ...]:
+    """The observation's slots, by name, for ``obs_mode`` "spec" or "rich"."""
+    if obs_mode not in OBS_MODES:
+        raise ValueError(f"obs_mode={obs_mode!r}; expected 'spec' or 'rich'")
+    rich = (
+        "epoch_fraction",
+        "train_loss", "train_acc", "val_loss", "val_acc",
+        "train_loss_delta", "train_acc_delta_x10", "val_loss_delta", "val_acc_delta_x10",
+        "val_acc_prev1", "val_acc_prev2", "val_acc_prev3",
+        "val_loss_prev1", "val_loss_prev2", "val_loss_prev3",
+        "best_val_acc", "plateau_fraction",
+        *(f"seed_stage_{s}" for s in _STAGE_NAMES),
+        "seed_age_fraction", "seed_alpha", "seed_contribution_x10",
+        "seed_contribution_delta_x10", "seed_params_ratio",
+        *(f"seed_blueprint_{b}" for b in blueprints),
+        "free_slots_fraction", "fossilized_fraction", "params_added_ratio",
+        "culls_fraction",
+    )  # fmt: skip
+    return rich if obs_mode == "rich" else tuple(n for n in rich if n not in HISTORY_FEATURES)
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """One host after an epoch, in plain numbers: what the observation is made of. The last six
+    fields are the multi-epoch history that only ``obs_mode="rich"`` shows."""
+
+    epoch_fraction: float
+    metrics: dict[str, float]  # train_loss, train_acc, val_loss, val_acc after this epoch
+    previous: dict[str, float]  # the same after the epoch before
+    seed_stage: Stage  # of the active seed; DORMANT when there is none
+    seed_age_fraction: float
+    seed_alpha: float
+    seed_contribution: float
+    seed_params_ratio: float
+    seed_blueprint: int  # index into the blueprints; -1 when there is no active seed
+    free_slots_fraction: float
+    fossilized_fraction: float
+    params_added_ratio: float
+    val_acc_history: tuple[float, ...]  # the 3 epochs before this one, latest first
+    val_loss_history: tuple[float, ...]
+    best_val_acc: float
+    plateau_fraction: float  # epochs since the best validation accuracy / max_epochs
+    seed_contribution_delta: float  # since the epoch before
+    culls_fraction: float  # the agent's culls so far / max_epochs
+
+
+def observation_features(report: EpochReport, blueprints: tuple[str, ...]) -> dict[str, float]:
+    """Every feature of ``obs_mode="rich"`` by name, in its order; an observation is the values
+    of ``feature_names(obs_mode, blueprints)``."""
+    m, p, r = report.metrics, report.previous, report
+    return {
+        "epoch_fraction": r.epoch_fraction,
+        **{name: m[name] for name in ("train_loss", "train_acc", "val_loss", "val_acc")},
+        "train_loss_delta": m["train_loss"] - p["train_loss"],
+        "train_acc_delta_x10": 10 * (m["train_acc"] - p["train_acc"]),
+        "val_loss_delta": m["val_loss"] - p["val_loss"],
+        "val_acc_delta_x10": 10 * (m["val_acc"] - p["val_acc"]),
+        **{f"val_acc_prev{k + 1}": v for k, v in enumerate(r.val_acc_history)},
+        **{f"val_loss_prev{k + 1}": v for k, v in enumerate(r.val_loss_history)},
+        "best_val_acc": r.best_val_acc,
+        "plateau_fraction": r.plateau_fraction,
+        **{f"seed_stage_{s}": float(k == r.seed_stage) for k, s in enumerate(_STAGE_NAMES)},
+        "seed_age_fraction": r.seed_age_fraction,
+        "seed_alpha": r.seed_alpha,
+        "seed_contribution_x10": 10 * r.seed_contribution,
+        "seed_contribution_delta_x10": 10 * r.seed_contribution_delta,
+        "seed_params_ratio": r.seed_params_ratio,
+        **{f"seed_blueprint_{b}": float(k == r.seed_blueprint) for k, b in enumerate(blueprints)},
+        "free_slots_fraction": r.free_slots_fraction,
+        "fossilized_fraction": r.fossilized_fraction,
+        "params_added_ratio": r.params_added_ratio,
+        "culls_fraction": r.culls_fraction,
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -344,14 +461,15 @@ class SeedLifecycleEnv(gym.Env):
         blending_epochs: int = 3,
         probation_epochs: int = 5,
         min_cull_age: int = 2,
-        gamma: float = 0.99,
         reward_weights: RewardWeights | None = None,
+        obs_mode: Literal["spec", "rich"] = "spec",
     ) -> None:
         unknown = [b for b in blueprints if b not in BLUEPRINTS]
         if unknown or not blueprints:
             raise ValueError(
                 f"blueprints={blueprints!r}; expected a non-empty subset of {tuple(BLUEPRINTS)}"
             )
+        self.feature_names = feature_names(obs_mode, tuple(blueprints))
         for name, value in (
             ("max_epochs", max_epochs),
             ("batch_size", batch_size),
@@ -365,14 +483,13 @@ class SeedLifecycleEnv(gym.Env):
         self.dataset, self.max_epochs, self.blueprints = dataset, max_epochs, tuple(blueprints)
         self.widths, self.batch_size, self.lr = tuple(widths), batch_size, lr
         self.training_epochs, self.blending_epochs = training_epochs, blending_epochs
-        self.probation_epochs, self.min_cull_age, self.gamma = probation_epochs, min_cull_age, gamma
-        self.weights = reward_weights or RewardWeights()
+        self.probation_epochs, self.min_cull_age = probation_epochs, min_cull_age
+        self.weights, self.obs_mode = reward_weights or RewardWeights(), obs_mode
         x_train = self.data[0]
         self._in_channels, self._num_classes = x_train.shape[1], int(self.data[1].max()) + 1
         self._strides = (1, 2, 1) if x_train.shape[-1] <= 8 else (2, 2, 2)
         self.num_slots = len(self.widths)
         self.action_space = spaces.MultiDiscrete([len(Op), len(self.blueprints)])
-        self.feature_names = self._feature_names()
         n = len(self.feature_names)
         self.observation_space = spaces.Box(-np.inf, np.inf, (n,), np.float32)
         self.host: HostNet | None = None
@@ -423,7 +540,6 @@ class SeedLifecycleEnv(gym.Env):
         op, blueprint = (int(a) for a in action)
         mask = self.action_mask()
         invalid = not (mask[op] and mask[len(Op) + blueprint])
-        phi = self._potential()
         if not invalid:
             self._apply(Op(op), blueprint)
         self._advance_lifecycle()
@@ -434,18 +550,15 @@ class SeedLifecycleEnv(gym.Env):
         self._measure()
         self.epoch += 1
         terminated = self.epoch >= self.max_epochs
-        w = self.weights
-        c_active = 0.0
-        if self.active is not None and self.active.stage in (Stage.BLENDING, Stage.PROBATIONARY):
-            c_active = self.active.contribution
-        phi_next = 0.0 if terminated else self._potential()
-        terms = {
-            "counterfactual": w.counterfactual * c_active,
-            "stage": w.stage * (self.gamma * phi_next - phi),
-            "rent": -w.rent * self.params_added() / self.host_params,
-            "terminal": w.terminal * self.metrics["val_acc"] if terminated else 0.0,
-            "invalid": -w.invalid if invalid else 0.0,
-        }
+        terms = reward_terms(
+            self.weights,
+            self.metrics["val_acc"],
+            self.previous["val_acc"],
+            self.params_added() / self.host_params,
+            self.max_epochs,
+            germinated=not invalid and op == Op.GERMINATE,
+            invalid=invalid,
+        )
         info = self._info()
         info["reward_terms"], info["invalid_action"] = terms, invalid
         if terminated:
@@ -529,10 +642,6 @@ class SeedLifecycleEnv(gym.Env):
         if seed.stage == Stage.BLENDING:
             slot.alpha = (seed.epochs_in_stage + 1) / self.blending_epochs
 
-    def _potential(self) -> float:
-        seeds = self.fossils + ([self.active] if self.active is not None else [])
-        return sum(STAGE_POTENTIAL[s.stage] for s in seeds)
-
     # ----------------------------------------------------------------- training
     def _train_epoch(self) -> None:
         """One pass over the training set. The host (and every seed in its forward) trains on
@@ -608,51 +717,35 @@ class SeedLifecycleEnv(gym.Env):
                 seed.contribution = with_seed - self._evaluate(0.0)[1]
 
     # ----------------------------------------------------------------- observation
-    def _feature_names(self) -> tuple[str, ...]:
-        stages = ("none", "germinated", "training", "blending", "probationary")
-        return (
-            "epoch_fraction",
-            "train_loss", "train_acc", "val_loss", "val_acc",
-            "train_loss_delta", "train_acc_delta_x10", "val_loss_delta", "val_acc_delta_x10",
-            "val_acc_prev1", "val_acc_prev2", "val_acc_prev3",
-            "val_loss_prev1", "val_loss_prev2", "val_loss_prev3",
-            "best_val_acc", "plateau_fraction",
-            *(f"seed_stage_{s}" for s in stages),
-            "seed_age_fraction", "seed_alpha", "seed_contribution_x10",
-            "seed_contribution_delta_x10", "seed_params_ratio",
-            *(f"seed_blueprint_{b}" for b in self.blueprints),
-            "free_slots_fraction", "fossilized_fraction", "params_added_ratio",
-            "culls_fraction",
-        )  # fmt: skip
-
     def _observation(self) -> np.ndarray:
-        m, p, seed = self.metrics, self.previous, self.active
-        stage = np.zeros(5, dtype=np.float32)
-        stage[0 if seed is None else int(seed.stage)] = 1.0
-        blueprint = np.zeros(len(self.blueprints), dtype=np.float32)
-        seed_features = [0.0] * 5
-        if seed is not None:
-            blueprint[seed.blueprint] = 1.0
-            seed_features = [
-                seed.age / self.max_epochs,
-                self.host.slots[seed.slot].alpha,
-                10 * seed.contribution,
-                10 * (seed.contribution - self.previous_contribution),
-                seed.num_params / self.host_params,
-            ]
+        features = observation_features(self._report(), self.blueprints)
+        return np.asarray([features[name] for name in self.feature_names], dtype=np.float32)
+
+    def _report(self) -> EpochReport:
+        seed = self.active
         free = sum(slot.seed is None for slot in self.host.slots)
-        obs = [
-            self.epoch / self.max_epochs,
-            m["train_loss"], m["train_acc"], m["val_loss"], m["val_acc"],
-            m["train_loss"] - p["train_loss"], 10 * (m["train_acc"] - p["train_acc"]),
-            m["val_loss"] - p["val_loss"], 10 * (m["val_acc"] - p["val_acc"]),
-            *self.val_acc_history, *self.val_loss_history,
-            self.best_val_acc, self.plateau / self.max_epochs,
-            *stage, *seed_features, *blueprint,
-            free / self.num_slots, len(self.fossils) / self.num_slots,
-            self.params_added() / self.host_params, self.stats["culls"] / self.max_epochs,
-        ]  # fmt: skip
-        return np.asarray(obs, dtype=np.float32)
+        return EpochReport(
+            epoch_fraction=self.epoch / self.max_epochs,
+            metrics=dict(self.metrics),
+            previous=dict(self.previous),
+            seed_stage=Stage.DORMANT if seed is None else seed.stage,
+            seed_age_fraction=0.0 if seed is None else seed.age / self.max_epochs,
+            seed_alpha=0.0 if seed is None else self.host.slots[seed.slot].alpha,
+            seed_contribution=0.0 if seed is None else seed.contribution,
+            seed_params_ratio=0.0 if seed is None else seed.num_params / self.host_params,
+            seed_blueprint=-1 if seed is None else seed.blueprint,
+            free_slots_fraction=free / self.num_slots,
+            fossilized_fraction=len(self.fossils) / self.num_slots,
+            params_added_ratio=self.params_added() / self.host_params,
+            val_acc_history=tuple(self.val_acc_history),
+            val_loss_history=tuple(self.val_loss_history),
+            best_val_acc=self.best_val_acc,
+            plateau_fraction=self.plateau / self.max_epochs,
+            seed_contribution_delta=(
+                0.0 if seed is None else seed.contribution - self.previous_contribution
+            ),
+            culls_fraction=self.stats["culls"] / self.max_epochs,
+        )
 
     def _info(self) -> dict[str, Any]:
         seed = self.active

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Any, Literal
+
+import tyro
+import yaml
 
 from memrl.runs import RunOptions
 
@@ -14,6 +17,12 @@ class PPOConfig(RunOptions):
 
     env: str = "popgym/RepeatPreviousEasy"
     """Environment: popgym/<Name>, a registered gymnasium id, or module:Class."""
+    env_kwargs: Annotated[
+        tuple[str, ...],
+        tyro.conf.arg(metavar="KEY=VALUE [KEY=VALUE ...]", help_behavior_hint="(default: none)"),
+    ] = ()
+    """Keyword arguments of the environment's constructor, each KEY=VALUE with the VALUE read as
+    YAML, e.g. obs_mode=rich max_epochs=10 for memrl/SeedLifecycle."""
     core: Literal["none", "gru", "lstm", "s4d"] = "gru"
     """Memory core (none = the feed-forward baseline on the same code path)."""
     num_envs: int = 16
@@ -123,8 +132,37 @@ class PPOConfig(RunOptions):
             raise ValueError(
                 f"--gamma {self.gamma}, --gae-lambda {self.gae_lambda}; expected both in [0, 1]"
             )
+        parse_env_kwargs(self.env_kwargs)  # a malformed KEY=VALUE fails here, with the flags
+
+    @property
+    def env_options(self) -> dict[str, Any]:
+        """``--env-kwargs`` as the keyword arguments of the environment's constructor."""
+        return parse_env_kwargs(self.env_kwargs)
+
+    @property
+    def env_flags(self) -> str:
+        """``--env ID [--env-kwargs ...]`` as given: how an error about the environment names it."""
+        kwargs = f" --env-kwargs {' '.join(self.env_kwargs)}" if self.env_kwargs else ""
+        return f"--env {self.env}{kwargs}"
 
     @property
     def core_options(self) -> dict[str, str]:
         """``make_core``'s extra options: ``init`` for the cores that take --rnn-init."""
         return {"init": self.rnn_init} if self.core in ("gru", "lstm") else {}
+
+
+def parse_env_kwargs(items: tuple[str, ...]) -> dict[str, Any]:
+    """``("obs_mode=rich", "max_epochs=10")`` -> ``{"obs_mode": "rich", "max_epochs": 10}``:
+    each value read as YAML."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ValueError(f"--env-kwargs {item!r}; expected KEY=VALUE, KEY a Python name")
+        if key in options:
+            raise ValueError(f"--env-kwargs {key} is given twice; expected each KEY once")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--env-kwargs {item!r}: the value is not YAML ({err})") from None
+    return options

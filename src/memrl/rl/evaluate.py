@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -56,11 +57,15 @@ def evaluate(
     seed: int,
     reset_every: int | None = None,
     greedy: bool = True,
+    env_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
     """Mean undiscounted return over ``episodes`` episodes; ``reset_every`` K resets the memory
-    every K steps (the Tamiyo recurrence spec's temporal-awareness ablation)."""
+    every K steps (the Tamiyo recurrence spec's temporal-awareness ablation); ``env_kwargs`` go
+    to the environment's constructor (the training run's ``env_options``)."""
     num_envs = min(episodes, 16)
-    envs = make_vector_env(env_id, num_envs, seed, "sync", autoreset_mode="same_step")
+    envs = make_vector_env(
+        env_id, num_envs, seed, "sync", autoreset_mode="same_step", **(env_kwargs or {})
+    )
     policy, device = agent.policy, agent.device
     obs_np, info = envs.reset(seed=vector_env_seeds(seed, num_envs))
     state = policy.initial_state(num_envs, device)
@@ -97,20 +102,27 @@ def run_ppo_eval(cfg: PPOEvalConfig) -> dict:
         device = resolve_device(cfg.device)
     except ValueError as err:  # e.g. cuda asked for on a machine without it
         raise ConfigError(f"--device {cfg.device}: {err}") from None
-    probe = make_vector_env(train_cfg.env, 1, cfg.seed, "sync")
+    env_kwargs = train_cfg.env_options  # the run's environment, as it trained
+    try:
+        probe = make_vector_env(train_cfg.env, 1, cfg.seed, "sync", **env_kwargs)
+    except (ValueError, TypeError) as err:  # a hand-edited config.yaml
+        raise ConfigError(f"{cfg.run_dir / 'config.yaml'} {train_cfg.env_flags}: {err}") from None
     agent = PPOAgent(train_cfg, probe.single_observation_space, probe.single_action_space, device)
     probe.close()
     agent.load_state_dict(ckpt["agent"])
     results = {
         "env": train_cfg.env,
+        "env_kwargs": list(train_cfg.env_kwargs),
         "core": train_cfg.core,
         "episodes": cfg.episodes,
         "step": ckpt["step"],
-        "return": evaluate(agent, train_cfg.env, cfg.episodes, cfg.seed, greedy=cfg.greedy),
+        "return": evaluate(
+            agent, train_cfg.env, cfg.episodes, cfg.seed, greedy=cfg.greedy, env_kwargs=env_kwargs
+        ),
     }
     if cfg.reset_every:
         sweep = {
-            k: evaluate(agent, train_cfg.env, cfg.episodes, cfg.seed, k, cfg.greedy)
+            k: evaluate(agent, train_cfg.env, cfg.episodes, cfg.seed, k, cfg.greedy, env_kwargs)
             for k in cfg.reset_every
         }
         results["return_vs_reset_every"] = {str(k): v for k, v in sweep.items()}

@@ -18,6 +18,7 @@ from memrl.envs import make_vector_env, vector_env_seeds
 from memrl.rl.agent import PPOAgent
 from memrl.rl.buffer import RolloutBuffer
 from memrl.rl.config import PPOConfig
+from memrl.rl.distributions import action_head
 from memrl.rl.evaluate import evaluate
 from memrl.rl.normalize import RewardScaler
 from memrl.rl.rollout import Carry, EpisodeTracker, collect_rollout
@@ -27,17 +28,21 @@ from memrl.runs import ConfigError, Run, distributed
 def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     """Train; writes the run directory and summary.json; returns the summary. Under torchrun
     each process runs its own ``num_envs`` envs; ``total_steps`` counts all processes' steps."""
+    try:  # unknown env id, constructor keyword or value, unsupported space: the user's input
+        envs = make_vector_env(
+            cfg.env, cfg.num_envs, cfg.seed, cfg.vector, autoreset_mode="same_step",
+            **cfg.env_options,
+        )  # fmt: skip
+        action_head(envs.single_action_space)
+    except (ValueError, TypeError) as err:  # before the run directory exists
+        raise ConfigError(f"{cfg.env_flags}: {err}") from None
     run = Run("ppo", cfg)
     device = run.device
     N, T, ranks = cfg.num_envs, cfg.rollout_steps, run.world_size
     steps_per_update = N * T * ranks  # every count below is in environment steps
     num_updates = max(1, cfg.total_steps // steps_per_update)
     run.check_budget(num_updates * steps_per_update, "--total-steps")
-    try:
-        envs = make_vector_env(cfg.env, N, cfg.seed, cfg.vector, autoreset_mode="same_step")
-        agent = PPOAgent(cfg, envs.single_observation_space, envs.single_action_space, device)
-    except ValueError as err:  # unknown env id, unsupported space: the user's input
-        raise ConfigError(f"--env {cfg.env}: {err}") from None
+    agent = PPOAgent(cfg, envs.single_observation_space, envs.single_action_space, device)
     generator = run.generator()  # minibatch order
     reward_scaler = RewardScaler(N, cfg.gamma, cfg.norm_reward)
     update, mmer, wall = 0, -float("inf"), 0.0
@@ -133,7 +138,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     }
     if run.is_main:
         summary["final_eval_return"] = evaluate(
-            agent, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000
+            agent, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000, env_kwargs=cfg.env_options
         )
     if not run.finish(summary):
         return summary
