@@ -291,3 +291,219 @@ def test_unequal_heads_first_built_in_inference_mode_still_train():
     dist = make_distribution(action_head(space), logits)
     dist.log_prob(torch.tensor([[1, 6], [0, 0], [3, 2]])).sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_one_unbatched_state_and_time_batch_axes_give_the_same_log_probs():
+    # (n,) for one state and (T, B, n) with T != B != n, against torch's Categorical row by row
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(4))
+    dist = MaskedCategorical(logits)
+    assert dist.sizes == (5,)
+    actions = torch.tensor([[[0], [4], [2]], [[1], [3], [4]]])
+    reference = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(dist.log_prob(actions), reference.log_prob(actions[..., 0]), atol=1e-6)
+    assert torch.allclose(dist.entropy(), reference.entropy(), atol=1e-6)
+    single = MaskedCategorical(logits[1, 2])
+    assert single.sizes == (5,)
+    assert single.log_prob(torch.tensor([3])).item() == pytest.approx(
+        reference.log_prob(torch.tensor(3))[1, 2].item(), abs=1e-6
+    )
+    assert single.mode().tolist() == [logits[1, 2].argmax().item()]
+
+
+def test_masks_of_one_state_and_per_head_masks_with_time_and_batch_axes():
+    # one state: (n,) logits and a (n,) mask
+    single = make_distribution(
+        spaces.Discrete(4), torch.tensor([0.0, 5.0, 1.0, 1.0]), mask=np.array([1, 0, 1, 1])
+    )
+    assert single.mode().tolist() == [2]
+    assert single.log_prob(torch.tensor([1])).item() == -math.inf
+    expected = 1.0 - math.log(math.exp(0.0) + 2 * math.exp(1.0))
+    assert single.log_prob(torch.tensor([3])).item() == pytest.approx(expected, abs=1e-6)
+    # (T, B) = (2, 3) leading axes, heads of sizes (2, 4), masks given per head
+    first = torch.zeros(2, 3, 2, dtype=torch.bool)
+    first[..., 1] = True
+    second = torch.zeros(2, 3, 4, dtype=torch.bool)
+    second[..., 0] = True
+    second[1, 2, 3] = True
+    logits = torch.zeros(2, 3, 6)
+    dist = make_distribution(spaces.MultiDiscrete([2, 4]), logits, mask=(first, second))
+    assert dist.sample().shape == (2, 3, 2)
+    assert (dist.mode()[..., 0] == 1).all()
+    log_probs = dist.log_prob(torch.tensor([1, 0]).expand(2, 3, 2))
+    expected = torch.zeros(2, 3)
+    expected[1, 2] = math.log(0.5)
+    assert torch.allclose(log_probs, expected)
+    joined = action_mask_tensor(action_head(spaces.MultiDiscrete([2, 4])), (first, second))
+    assert torch.equal(joined, torch.cat([first, second], -1))
+
+
+def test_unequal_heads_without_a_mask_have_finite_entropy_and_expose_the_padding():
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    dist = MaskedCategorical(logits, sizes=(3, 4))
+    assert dist.sizes == (3, 4)
+    heads = [torch.distributions.Categorical(logits=part) for part in logits.split([3, 4], -1)]
+    entropy = dist.entropy()
+    assert torch.isfinite(entropy).all()
+    assert torch.allclose(entropy, heads[0].entropy() + heads[1].entropy(), atol=1e-6)
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # the padded slot of the 3-way head is never allowed
+    assert dist.allowed.tolist() == [[True, True, True, False], [True, True, True, True]]
+    samples = MaskedCategorical(logits.detach().repeat(400, 1), sizes=(3, 4)).sample()
+    assert samples[:, 0].max() <= 2 and samples[:, 1].max() <= 3
+
+
+def test_allowed_is_none_without_a_mask_and_the_padded_mask_with_one():
+    assert MaskedCategorical(torch.zeros(2, 6), sizes=(3, 3)).allowed is None
+    assert MaskedCategorical(torch.zeros(2, 6)).allowed is None
+    mask = torch.tensor([[True, False, True, True, True, False, False]]).expand(2, 7)
+    dist = MaskedCategorical(torch.zeros(2, 7), sizes=(3, 4), mask=mask)
+    assert dist.allowed.shape == (2, 2, 4)
+    assert dist.allowed[1].tolist() == [[True, False, True, False], [True, True, False, False]]
+    equal = MaskedCategorical(torch.zeros(4), sizes=(2, 2), mask=torch.tensor([1, 0, 1, 1]))
+    assert equal.allowed.tolist() == [[True, False], [True, True]]
+
+
+def test_shape_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"logits have 6 entries in the last axis.*need 5"):
+        MaskedCategorical(torch.zeros(6), sizes=(2, 3))
+    with pytest.raises(ValueError, match=r"logits have 6 entries in the last axis.*need 5"):
+        MaskedCategorical(torch.zeros(2, 4, 6), sizes=(2, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"action mask of shape \(3, 5\) does not match logits of shape \(4, 5\)",
+    ):
+        MaskedCategorical(torch.zeros(4, 5), mask=torch.ones(3, 5, dtype=torch.bool))
+    dist = MaskedCategorical(torch.zeros(4, 5))
+    with pytest.raises(ValueError, match=r"actions of shape \(4,\); expected \(4, 1\)"):
+        dist.log_prob(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(
+        ValueError, match=r"log_std of shape \(2,\) does not match mean of shape \(4, 3\)"
+    ):
+        DiagGaussian(torch.zeros(4, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"log_std of shape \(2,\) does not match"):
+        DiagGaussian(torch.zeros(3), torch.zeros(2))
+
+
+def test_malformed_masks_are_value_errors_counting_the_last_axis():
+    discrete = action_head(spaces.Discrete(5))
+    with pytest.raises(ValueError, match=r"has 0 entries in the last axis; expected 5"):
+        action_mask_tensor(discrete, torch.tensor(True))
+    with pytest.raises(ValueError, match=r"has 4 entries in the last axis; expected 5"):
+        action_mask_tensor(discrete, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"has 4 entries in the last axis; expected 5"):
+        action_mask_tensor(discrete, torch.ones(2, 3, 4, dtype=torch.bool))
+    assert action_mask_tensor(discrete, np.array([0, 2, 0, 1, 0])).tolist() == [
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
+
+
+def test_an_empty_row_under_time_and_batch_axes_is_named_by_its_index_tuple():
+    allowed = torch.ones(2, 3, 4, dtype=torch.bool)
+    allowed[1, 2] = False
+    with pytest.raises(ValueError, match=r"allows no action in row \(1, 2\) head 0 \("):
+        MaskedCategorical(torch.zeros(2, 3, 4), mask=allowed)
+
+
+def test_gaussian_with_one_state_and_with_time_and_batch_axes_matches_torch_normal():
+    generator = torch.Generator().manual_seed(6)
+    for shape in [(3,), (2, 4, 3)]:
+        mean = torch.randn(*shape, generator=generator)
+        log_std = torch.tensor([-0.5, 0.0, 0.7])
+        dist = DiagGaussian(mean, log_std)
+        reference = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+        actions = torch.randn(*shape, generator=generator)
+        expected = reference.log_prob(actions).sum(-1)
+        assert dist.log_prob(actions).shape == shape[:-1]
+        assert torch.allclose(dist.log_prob(actions), expected, atol=1e-5)
+        assert torch.allclose(dist.entropy(), reference.entropy().sum(-1), atol=1e-5)
+        assert dist.sample().shape == shape
+
+
+def test_multi_discrete_start_is_added_to_the_env_actions():
+    space = spaces.MultiDiscrete([3, 4], start=[1, -2])
+    out = to_env_actions(action_head(space), torch.tensor([[0, 0], [2, 3]]))
+    assert out.tolist() == [[1, -2], [3, 1]]
+    assert all(space.contains(row) for row in out)
+
+
+def test_one_dict_action_becomes_a_dict_of_python_ints_and_arrays():
+    space = spaces.Dict({"move": spaces.Discrete(4, start=1), "bits": spaces.MultiBinary(2)})
+    # a Dict space orders its keys: "bits" (two heads), then "move"
+    single = to_env_actions(action_head(space), torch.tensor([1, 0, 2]), batched=False)
+    assert set(single) == {"move", "bits"}
+    assert single["move"] == 3 and isinstance(single["move"], int)
+    assert single["bits"].tolist() == [1, 0]
+    assert space.contains(single)
+
+
+def test_masks_and_padding_live_on_the_logits_device():
+    meta = torch.device("meta")
+    head = action_head(spaces.MultiDiscrete([3, 5]))
+    for mask in (np.ones((2, 8), dtype=bool), [np.ones((2, 3), bool), torch.ones(2, 5)]):
+        joined = action_mask_tensor(head, mask, meta)
+        assert joined.device == meta and joined.dtype == torch.bool and joined.shape == (2, 8)
+    dist = MaskedCategorical(torch.zeros(2, 8, device=meta), sizes=(3, 5))
+    assert dist.allowed.device == meta
+    assert dist.log_probs.device == meta and dist.log_probs.shape == (2, 2, 5)
+
+
+def _empty_rows_message(rows: list[str], more: int, sizes: tuple[int, ...]) -> str:
+    shown = ", ".join(rows) + (f" and {more} more" if more else "")
+    return (
+        f"action mask allows no action in {shown} (heads of sizes {sizes}); every row needs at "
+        "least one allowed action per head"
+    )
+
+
+@pytest.mark.parametrize("empty_rows", [1, 10, 11, 13])
+def test_empty_mask_rows_are_named_the_first_ten_then_counted(empty_rows):
+    allowed = torch.ones(20, 3, dtype=torch.bool)
+    allowed[:empty_rows] = False
+    with pytest.raises(ValueError) as err:
+        MaskedCategorical(torch.zeros(20, 3), mask=allowed)
+    rows = [f"row {row} head 0" for row in range(min(empty_rows, 10))]
+    assert str(err.value) == _empty_rows_message(rows, max(empty_rows - 10, 0), (3,))
+
+
+def test_empty_mask_heads_under_time_and_batch_axes_are_named_by_index_tuples():
+    # (T, B) = (2, 4), heads of sizes (2, 3): the second head of step (1, 3) has no action
+    allowed = torch.ones(2, 4, 5, dtype=torch.bool)
+    allowed[1, 3, 2:] = False
+    with pytest.raises(ValueError) as err:
+        MaskedCategorical(torch.zeros(2, 4, 5), sizes=(2, 3), mask=allowed)
+    assert str(err.value) == _empty_rows_message(["row (1, 3) head 1"], 0, (2, 3))
+
+
+def test_misused_arguments_raise_errors_naming_the_space_and_the_expected_shape():
+    nested = spaces.Tuple((spaces.Discrete(2), spaces.Tuple((spaces.Box(-1, 1, (1,)),))))
+    with pytest.raises(ValueError) as err:
+        action_head(nested)
+    assert str(err.value).startswith(f"unsupported action space {nested} (a Box inside a Tuple/")
+    text = spaces.Dict({"a": spaces.Discrete(2), "b": spaces.Text(3)})
+    with pytest.raises(ValueError) as err:
+        action_head(text)
+    assert str(err.value).startswith(f"unsupported action space {text} ({text['b']});")
+    with pytest.raises(ValueError, match=r"unsupported action space Tuple\(\): no action heads"):
+        action_head(spaces.Tuple(()))
+    discrete, box = spaces.Discrete(3), spaces.Box(-1, 1, (2,))
+    with pytest.raises(ValueError, match=r"log_std is for Box action spaces, got Discrete\(3\)"):
+        make_distribution(discrete, torch.zeros(3), log_std=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"masks need a discrete action space, got Box\("):
+        action_mask_tensor(action_head(box), torch.ones(2))
+    with pytest.raises(ValueError, match=r"mapping needs a Dict action space, got Discrete\(3\)"):
+        action_mask_tensor(action_head(discrete), {"a": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"shape \(3,\) for Discrete\(3\); expected \(1,\)$"):
+        to_env_actions(action_head(discrete), torch.zeros(3), batched=False)
+    with pytest.raises(ValueError) as err:
+        action_mask_tensor(
+            action_head(spaces.MultiDiscrete([2, 3])), (torch.ones(2), torch.ones(2))
+        )
+    assert str(err.value) == (
+        "action mask of shape(s) [(2,), (2,)] has 4 entries in the last axis; expected 5 (one "
+        "per logit), as one mask or per-head parts joined along the last axis"
+    )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import hashlib
 import json
+import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -11,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,8 +30,10 @@ from memrl.runs import (
     load_config,
     read_metrics,
     resolve_device,
+    rng_state,
     save_checkpoint,
     save_config,
+    set_rng_state,
 )
 
 
@@ -77,6 +84,135 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, damage):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_save_checkpoint_creates_missing_parent_directories(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"step": 3})
+    assert load_checkpoint(path) == {"step": 3}
+
+
+def test_checkpoints_are_written_to_a_hidden_temp_file_beside_the_target(tmp_path, monkeypatch):
+    # same directory: the final rename stays on one filesystem (atomic); the name matches the
+    # `.*.tmp` that a resume deletes from checkpoints/, so a torn write is cleaned up
+    renames = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    [(tmp, target)] = renames
+    assert target == path and tmp.parent == tmp_path
+    assert fnmatch.fnmatchcase(tmp.name, ".last.pt.*.tmp")
+    assert not tmp.exists() and load_checkpoint(path) == {"step": 1}
+
+
+def test_a_failed_write_leaves_the_old_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert load_checkpoint(path) == {"step": 1}
+
+
+def test_save_with_previous_keeps_the_old_checkpoint_under_that_name(tmp_path):
+    last, previous = tmp_path / "last.pt", tmp_path / "previous.pt"
+    save_checkpoint(last, {"step": 1}, previous=previous)
+    assert not previous.exists()  # nothing to keep yet
+    save_checkpoint(last, {"step": 2}, previous=previous)
+    save_checkpoint(last, {"step": 3}, previous=previous)
+    assert load_checkpoint(last) == {"step": 3}
+    assert load_checkpoint(previous) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"memrl-checkpoint v2 {digest}", b"memrl-checkpoint v1 {digest}0", b"{digest}"],
+)
+def test_a_header_of_another_version_or_length_is_refused(tmp_path, header):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    first_line, _, data = path.read_bytes().partition(b"\n")
+    digest = first_line.split(b" ")[-1]
+    assert len(digest) == 64
+    path.write_bytes(header.replace(b"{digest}", digest) + b"\n" + data)
+    with pytest.raises(CheckpointError, match="not a memrl checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_payload_with_a_good_checksum_that_does_not_unpickle_names_the_file(tmp_path):
+    path = tmp_path / "last.pt"
+    data = b"not a torch.save payload"
+    path.write_bytes(
+        b"memrl-checkpoint v1 " + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+    )
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} could not be read: "):
+        load_checkpoint(path)
+
+
+def test_load_checkpoint_maps_tensors_to_the_requested_device(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.ones(3)})
+    assert load_checkpoint(path)["w"].device == torch.device("cpu")
+    assert load_checkpoint(path, map_location="meta")["w"].device == torch.device("meta")
+
+
+def _draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(2).tolist()
+
+
+def test_set_rng_state_replays_python_numpy_and_torch_draws():
+    state = rng_state()
+    assert ("cuda" in state) == torch.cuda.is_available()
+    first = _draws()
+    assert _draws() != first
+    set_rng_state(state)
+    assert _draws() == first
+
+
+def _fake_cuda(monkeypatch, available: bool) -> list:
+    """Pretend CUDA is (not) there; the CUDA RNG states handed to torch land in the list."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu0-state", "gpu1-state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    return restored
+
+
+def test_rng_state_captures_the_cuda_generators_when_there_is_a_gpu(monkeypatch):
+    _fake_cuda(monkeypatch, available=True)
+    assert rng_state()["cuda"] == ["gpu0-state", "gpu1-state"]
+
+
+def test_a_gpu_checkpoints_rng_state_restores_on_a_cpu_only_machine(monkeypatch):
+    from_gpu = {**rng_state(), "cuda": ["gpu0-state"]}
+    restored = _fake_cuda(monkeypatch, available=False)
+    first = _draws()
+    set_rng_state(from_gpu)
+    assert _draws() == first
+    assert restored == []  # the CUDA states are ignored, not queued for a GPU that never comes
+
+
+def test_a_cpu_checkpoints_rng_state_restores_on_a_gpu_machine(monkeypatch):
+    from_cpu = {key: value for key, value in rng_state().items() if key != "cuda"}
+    restored = _fake_cuda(monkeypatch, available=True)
+    first = _draws()
+    set_rng_state(from_cpu)
+    assert _draws() == first and restored == []
+    set_rng_state({**from_cpu, "cuda": ["gpu0-state"]})
+    assert restored == [["gpu0-state"]]
 
 
 def test_kill_while_writing_keeps_previous_checkpoint(tmp_path):
