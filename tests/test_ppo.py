@@ -18,11 +18,12 @@ from memrl.cli import main
 from memrl.cores import select_state
 from memrl.envs import make_vector_env
 from memrl.rl import PPOAgent, PPOConfig, action_head, make_distribution, ppo_loss, train_ppo
+from memrl.rl import agent as agent_module
 from memrl.rl.buffer import RolloutBuffer, SequenceBatch
 from memrl.rl.evaluate import PPOEvalConfig, run_ppo_eval
 from memrl.rl.normalize import RewardScaler
 from memrl.rl.rollout import Carry, EpisodeTracker, collect_rollout
-from memrl.runs import load_checkpoint, read_metrics
+from memrl.runs import distributed, load_checkpoint, read_metrics
 
 
 class RepeatTwoBack(gym.Env):
@@ -450,3 +451,331 @@ def test_a_resume_counts_environment_steps_or_refuses(tmp_path, capsys):
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
     assert steps == [128, 256, 384, 512]
     assert json.loads((run / "summary.json").read_text())["total_steps"] == 512
+
+
+CPU, META = torch.device("cpu"), torch.device("meta")
+OBS_SPACE = spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+
+def _ppo_loss_by_hand(log_ratios, advantages, values, returns, cfg) -> dict[str, float]:
+    """PPO's loss and statistics from the formulas (Schulman et al. 2017) in Python floats, for
+    steps whose policy is uniform over two actions (entropy log 2)."""
+    n = len(advantages)
+    adv = list(advantages)
+    if cfg.norm_adv and n > 1:  # one step has no spread to normalise by
+        mean = sum(adv) / n
+        std = math.sqrt(sum((a - mean) ** 2 for a in adv) / (n - 1))
+        adv = [(a - mean) / (std + 1e-8) for a in adv]
+    ratios = [math.exp(x) for x in log_ratios]
+    low, high = 1 - cfg.clip_coef, 1 + cfg.clip_coef
+    clipped = [min(max(r, low), high) for r in ratios]
+    policy = sum(max(-a * r, -a * c) for a, r, c in zip(adv, ratios, clipped, strict=True)) / n
+    value = 0.5 * sum((v - g) ** 2 for v, g in zip(values, returns, strict=True)) / n
+    entropy = math.log(2)
+    return {
+        "loss": policy - cfg.ent_coef * entropy + cfg.vf_coef * value,
+        "loss/policy": policy,
+        "loss/value": value,
+        "loss/entropy": entropy,
+        "approx_kl": sum((r - 1) - math.log(r) for r in ratios) / n,
+        "clipfrac": sum(abs(r - 1) > cfg.clip_coef for r in ratios) / n,
+    }
+
+
+@pytest.mark.parametrize(
+    ("log_ratios", "advantages", "options"),
+    [
+        pytest.param([0.5], [2.0], {}, id="one step: advantage left as it is"),
+        pytest.param([0.1, -0.3], [1.0, 3.0], {}, id="two steps: normalised to -+1/sqrt2"),
+        pytest.param([0.4, -0.4, 0.05, 0.3], [1.0, -1.0, 0.5, 2.0], {},
+                     id="ratio above 1 + clip with positive advantage: clipped"),
+        pytest.param([0.1, -0.1], [0.0, 1.4142135e-8], {},
+                     id="spread near zero: std + 1e-8 keeps it finite"),
+        pytest.param([0.0, 0.0, 0.1], [1.0, -2.0, 0.5], {"clip_coef": 0.0},
+                     id="clip 0: only moved steps count as clipped"),
+        pytest.param([0.4, -0.3], [1.0, -0.5], {"norm_adv": False}, id="no normalisation"),
+    ],
+)  # fmt: skip
+def test_ppo_loss_of_a_single_sequence_matches_the_formulas(log_ratios, advantages, options):
+    n = len(log_ratios)
+    cfg = PPOConfig(ent_coef=0.01, vf_coef=0.5, **options)
+    dist = make_distribution(action_head(spaces.Discrete(2)), torch.zeros(n, 1, 2), None)
+    actions = torch.zeros(n, 1, 1, dtype=torch.long)
+    new_values = torch.linspace(-0.5, 0.7, n)[:, None]
+    mb = SequenceBatch(
+        obs=torch.zeros(n, 1, 1),
+        is_first=torch.zeros(n, 1, dtype=torch.bool),
+        actions=actions,
+        masks=None,
+        log_probs=dist.log_prob(actions) - torch.tensor(log_ratios)[:, None],
+        values=torch.zeros(n, 1),
+        advantages=torch.tensor(advantages)[:, None],
+        returns=torch.linspace(1.0, -1.0, n)[:, None],
+        state=(),
+    )
+    loss, stats = ppo_loss(dist, new_values, mb, cfg)
+    as_floats = [x[:, 0].tolist() for x in (mb.advantages, new_values, mb.returns)]
+    hand = _ppo_loss_by_hand(log_ratios, *as_floats, cfg)
+    assert float(loss) == pytest.approx(hand.pop("loss"), rel=1e-5, abs=1e-7)
+    for key, value in hand.items():
+        assert float(stats[key]) == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_action_masks_come_from_the_vector_envs_info_as_bool_rows():
+    agent = PPOAgent(PPOConfig(core="gru", hidden_size=4), OBS_SPACE, spaces.Discrete(3), CPU)
+    info = {"action_mask": np.array([[1, 0, 1], [0, 1, 0]], dtype=np.int8)}
+    expected = torch.tensor([[True, False, True], [False, True, False]])
+    assert torch.equal(agent.mask_tensor(info), expected)
+    assert agent.mask_tensor({"final_obs": None}) is None  # an env without masks
+
+
+def test_the_agents_categorical_renormalises_over_the_allowed_actions():
+    agent = PPOAgent(PPOConfig(core="gru", hidden_size=4), OBS_SPACE, spaces.Discrete(3), CPU)
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    dist = agent.distribution(logits, mask)
+    log_probs = dist.log_prob(torch.tensor([[0], [1]]))
+    by_hand = [0.5 - math.log(math.exp(0.5) + math.exp(2.0)), 0.0 - math.log(math.e + 1.0)]
+    assert log_probs.tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert dist.log_prob(torch.tensor([[1], [2]])).tolist() == [-math.inf, -math.inf]
+
+
+def test_a_box_action_space_gets_a_diagonal_gaussian_with_a_trained_log_std():
+    agent = PPOAgent(PPOConfig(core="gru", hidden_size=4), OBS_SPACE, spaces.Box(-1, 1, (2,)), CPU)
+    log_std = agent.policy.log_std
+    assert torch.equal(log_std, torch.zeros(2))  # std 1 to start with
+    assert any(p is log_std for p in agent.optimizer.param_groups[0]["params"])
+    with torch.no_grad():
+        log_std.copy_(torch.tensor([0.5, -1.0]))
+    mean, action = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.4, 0.3]])
+    log_prob = float(agent.distribution(mean, None).log_prob(action).detach()[0])
+    by_hand = sum(
+        -0.5 * ((a - m) / math.exp(s)) ** 2 - s - 0.5 * math.log(2 * math.pi)
+        for a, m, s in [(0.4, 0.1, 0.5), (0.3, -0.2, -1.0)]
+    )
+    assert log_prob == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_the_optimiser_is_adam_with_the_configured_lr_and_eps_1e_5():
+    """Adam's first step moves each weight by lr * g / (|g| + eps) (bias-corrected moments g
+    and g^2): with g near eps the step shows both lr and eps."""
+    cfg = PPOConfig(core="gru", hidden_size=4, lr=0.0123)
+    agent = PPOAgent(cfg, OBS_SPACE, spaces.Discrete(2), CPU)
+    params = list(agent.policy.parameters())
+    before = [p.detach().clone() for p in params]
+    pattern = torch.tensor([1e-5, -3e-5, 2.0, -1e-6])
+    for p in params:
+        p.grad = pattern.repeat(p.numel() // 4 + 1)[: p.numel()].view_as(p)
+    agent.optimizer.step()
+    for p, old in zip(params, before, strict=True):
+        expected = old - 0.0123 * p.grad / (p.grad.abs() + 1e-5)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_observations_are_flattened_to_float32_rows():
+    agent = PPOAgent(PPOConfig(core="none", hidden_size=4), spaces.Box(-9, 9, (2, 3)),
+                     spaces.Discrete(2), CPU)  # fmt: skip
+    obs = np.arange(12, dtype=np.float64).reshape(2, 2, 3) / 7
+    out = agent.obs_tensor(obs, update=True)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.tensor(obs.reshape(2, 6), dtype=torch.float32))
+
+
+def test_observation_normalisation_uses_running_statistics_updated_only_when_asked():
+    cfg = PPOConfig(core="none", hidden_size=4, norm_obs=True)
+    agent = PPOAgent(cfg, spaces.Box(-20, 20, (3,)), spaces.Discrete(2), CPU)
+    rng = np.random.default_rng(0)
+    batch = rng.normal(2.0, 3.0, (5, 3))
+    out = agent.obs_tensor(batch, update=True)
+    # Chan et al.'s parallel update of the prior (mean 0, var 1, count 1e-4) by the batch
+    n, prior = 5, 1e-4
+    total = n + prior
+    mean = batch.mean(0) * n / total
+    var = (prior + batch.var(0) * n + batch.mean(0) ** 2 * prior * n / total) / total
+    np.testing.assert_allclose(out.numpy(), (batch - mean) / (np.sqrt(var) + 1e-8), rtol=1e-5)
+    later = rng.normal(0.0, 50.0, (4, 3))  # large: some clipped to +-10
+    out = agent.obs_tensor(later, update=False)  # normalised by the same statistics
+    expected = np.clip((later - mean) / (np.sqrt(var) + 1e-8), -10, 10)
+    assert (np.abs(expected) == 10).any()
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5)
+    assert agent.obs_norm.stats.count == pytest.approx(total)
+
+
+def test_agent_state_round_trips_policy_optimiser_and_observation_statistics():
+    cfg = PPOConfig(core="lstm", hidden_size=4, norm_obs=True)
+    torch.manual_seed(0)
+    trained = PPOAgent(cfg, OBS_SPACE, spaces.Discrete(2), CPU)
+    trained.obs_tensor(np.random.default_rng(0).normal(3.0, 2.0, (6, 3)), update=True)
+    for p in trained.policy.parameters():  # one Adam step: moments to save
+        p.grad = torch.randn_like(p)
+    trained.optimizer.step()
+    torch.manual_seed(1)
+    fresh = PPOAgent(cfg, OBS_SPACE, spaces.Discrete(2), CPU)
+    saved = trained.state_dict()
+    assert set(saved) == {"policy", "optimizer", "obs_norm"}  # the checkpoint's layout
+    fresh.load_state_dict(copy.deepcopy(saved))
+
+    a, b = trained.policy.state_dict(), fresh.policy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = trained.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, moments in a["state"].items():
+        assert all(torch.equal(moments[k], b["state"][i][k]) for k in moments)
+    a, b = trained.obs_norm.stats, fresh.obs_norm.stats
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var) and a.count == b.count
+    obs = np.random.default_rng(1).normal(size=(2, 3))
+    assert torch.equal(trained.obs_tensor(obs, update=False), fresh.obs_tensor(obs, update=False))
+
+
+def test_an_agent_keeps_its_policy_observations_and_masks_on_its_device():
+    agent = PPOAgent(PPOConfig(core="gru", hidden_size=4), OBS_SPACE, spaces.Discrete(3), META)
+    assert {p.device for p in agent.policy.parameters()} == {META}
+    assert agent.obs_tensor(np.zeros((2, 3), np.float32), update=False).device == META
+    assert agent.mask_tensor({"action_mask": np.ones((2, 3), bool)}).device == META
+
+
+def _synthetic_rollout(action_space, masked: bool = False, **options):
+    """An agent and a buffer of 12 steps of 3 envs, windows of 4, filled as ``collect_rollout``
+    fills it from random observations, rewards and episode starts (and, with ``masked``, masks
+    allowing a random half of each head's actions, its first always), GAE computed."""
+    T, N, L = 12, 3, 4
+    torch.manual_seed(0)
+    cfg = PPOConfig(core="gru", hidden_size=8, num_envs=N, rollout_steps=T, bptt_len=L, **options)
+    agent = PPOAgent(cfg, OBS_SPACE, action_space, CPU)
+    head = agent.head
+    mask_dim = head.num_params if masked else None
+    buffer = RolloutBuffer(T, N, 3, (head.action_dim,), head.action_dtype, mask_dim, L, CPU)
+    starts = torch.rand(T + 1, N) < 0.2  # is_first, and dones one step earlier
+    starts[0] = True
+    first_of_head = np.cumsum([0, *head.sizes[:-1]]).tolist()
+    state = agent.policy.initial_state(N)
+    with torch.no_grad():
+        for t in range(T):
+            buffer.store_state(t, state)
+            obs, mask = torch.randn(N, 3), None
+            if masked:
+                mask = torch.rand(N, head.num_params) < 0.5
+                mask[:, first_of_head] = True
+                buffer.masks[t] = mask
+            params, value, state = agent.policy.step(obs, state, starts[t])
+            dist = agent.distribution(params, mask)
+            action = dist.sample()
+            buffer.obs[t], buffer.is_first[t], buffer.actions[t] = obs, starts[t], action
+            buffer.log_probs[t], buffer.values[t] = dist.log_prob(action), value
+            buffer.rewards[t], buffer.dones[t] = torch.randn(N), starts[t + 1]
+    buffer.compute_gae(torch.zeros(N), 0.99, 0.95)
+    return agent, buffer
+
+
+def _record_update(monkeypatch) -> tuple[list[dict[str, float]], list[float]]:
+    """Record the statistics ``ppo_loss`` gives for every minibatch of the updates that follow,
+    and the gradient norm of every optimiser step."""
+    stats, norms = [], []
+    real_loss, real_step = agent_module.ppo_loss, distributed.optimizer_step
+
+    def loss(*args):
+        out = real_loss(*args)
+        stats.append({k: float(v) for k, v in out[1].items()})
+        return out
+
+    def step(*args):
+        norms.append(real_step(*args))
+        return norms[-1]
+
+    monkeypatch.setattr(agent_module, "ppo_loss", loss)
+    monkeypatch.setattr(distributed, "optimizer_step", step)
+    return stats, norms
+
+
+@pytest.mark.parametrize(
+    ("action_space", "masked"),
+    [(spaces.Discrete(4), True), (spaces.MultiDiscrete([3, 2]), True),
+     (spaces.Box(-1.0, 1.0, (2,)), False)],
+)  # fmt: skip
+def test_an_updates_first_minibatch_sees_the_distribution_the_rollout_acted_with(
+    action_space, masked, monkeypatch
+):
+    """Masks and Gaussian log-stds reach the update: before any step, every ratio is 1. (One
+    epoch of one minibatch: the update reports that minibatch's statistics.)"""
+    agent, buffer = _synthetic_rollout(action_space, masked, epochs=1, minibatch_steps=10_000)
+    stats, norms = _record_update(monkeypatch)
+    result = agent.update(buffer, torch.Generator().manual_seed(0))
+    (first,) = stats
+    assert result == pytest.approx({**first, "grad_norm": norms[0]}, rel=1e-6)
+    assert first["approx_kl"] < 1e-5 and first["clipfrac"] == 0
+    if agent.head.kind == "gaussian":  # log-std 0: the entropy of two standard normals
+        assert first["loss/entropy"] == pytest.approx(1 + math.log(2 * math.pi), rel=1e-6)
+
+
+def test_update_reports_each_statistic_averaged_over_all_its_minibatches(monkeypatch):
+    agent, buffer = _synthetic_rollout(spaces.Discrete(3), epochs=2, minibatch_steps=12)
+    stats, norms = _record_update(monkeypatch)
+    result = agent.update(buffer, torch.Generator().manual_seed(0))
+    assert len(stats) == len(norms) == 6  # 9 sequences of 4 steps, 3 a minibatch, 2 epochs
+    expected = {k: sum(s[k] for s in stats) / 6 for k in stats[0]}
+    expected["grad_norm"] = sum(norms) / 6
+    assert result.keys() == expected.keys()
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def _epochs_run(kls: list[float], target: float, other_rank: float = 0.0, ranks: int = 1) -> int:
+    """Epochs until the first whose last minibatch's KL, averaged over ranks, exceeds target."""
+    for epoch, kl in enumerate(kls):
+        if (kl + other_rank) / ranks > target:
+            return epoch + 1
+    return len(kls)
+
+
+def _last_kl_of_each_epoch(monkeypatch, epochs: int = 3) -> list[float]:
+    agent, buffer = _synthetic_rollout(spaces.Discrete(3), epochs=epochs, minibatch_steps=12)
+    stats, _ = _record_update(monkeypatch)
+    agent.update(buffer, torch.Generator().manual_seed(0))
+    assert len(stats) == 3 * epochs
+    return [stats[3 * e + 2]["approx_kl"] for e in range(epochs)]
+
+
+def test_target_kl_stops_after_the_first_epoch_whose_last_minibatch_exceeds_it(monkeypatch):
+    kls = _last_kl_of_each_epoch(monkeypatch)
+    assert kls[0] > 0
+    for target in (kls[0] / 2, kls[0], 2 * max(kls)):  # at kls[0] exactly: not exceeded
+        agent, buffer = _synthetic_rollout(
+            spaces.Discrete(3), epochs=3, minibatch_steps=12, target_kl=target
+        )
+        stats, _ = _record_update(monkeypatch)
+        result = agent.update(buffer, torch.Generator().manual_seed(0))
+        epochs = _epochs_run(kls, target)
+        assert len(stats) == 3 * epochs, target
+        assert [s["approx_kl"] for s in stats[2::3]] == kls[:epochs]
+        assert result["approx_kl"] == pytest.approx(sum(s["approx_kl"] for s in stats) / len(stats))
+    assert _epochs_run(kls, kls[0] / 2) == 1 and _epochs_run(kls, kls[0]) > 1
+
+
+@pytest.mark.parametrize(("target", "other_rank"), [(1.0, 3.0), (0.75, 0.0)])
+def test_every_rank_stops_on_the_kl_averaged_over_ranks(target, other_rank, monkeypatch):
+    """Under torchrun each rank's KL is averaged over ranks before the comparison: a rank below
+    target_kl stops when the mean exceeds it; one above it goes on when the mean does not.
+    (Two ranks, the other's KL a multiple of this rank's first-epoch KL.)"""
+    kls = _last_kl_of_each_epoch(monkeypatch)
+    target, other_rank = target * kls[0], other_rank * kls[0]
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_sum", lambda x: x + other_rank)
+    agent, buffer = _synthetic_rollout(
+        spaces.Discrete(3), epochs=3, minibatch_steps=12, target_kl=target
+    )
+    stats, _ = _record_update(monkeypatch)
+    agent.update(buffer, torch.Generator().manual_seed(0))
+    epochs = _epochs_run(kls, target, other_rank, ranks=2)
+    assert len(stats) == 3 * epochs
+    assert epochs == 1 if other_rank else epochs > 1
+
+
+def test_an_update_is_reproduced_by_its_generator_whatever_the_global_seed():
+    weights = []
+    for global_seed, seed in [(1, 0), (2, 0), (1, 1)]:
+        agent, buffer = _synthetic_rollout(spaces.Discrete(3), epochs=2, minibatch_steps=12)
+        torch.manual_seed(global_seed)
+        agent.update(buffer, torch.Generator().manual_seed(seed))
+        weights.append(agent.policy.state_dict())
+    same = [all(torch.equal(w[k], weights[0][k]) for k in w) for w in weights[1:]]
+    assert same == [True, False]  # another generator seed: another minibatch order

@@ -12,6 +12,7 @@ from gymnasium import spaces
 from memrl.cli import main
 from memrl.cores import select_state
 from memrl.rl import PPOAgent, PPOConfig, RolloutBuffer, SequenceBatch, ppo_loss
+from memrl.rl.buffer import _Plan
 from memrl.runs import read_metrics
 
 CPU = torch.device("cpu")
@@ -144,3 +145,172 @@ def test_rollout_shape_errors_name_the_flag(flags, message, capsys):
         main(["ppo", "--device", "cpu", *flags])
     assert exit_.value.code == 2
     assert message in " ".join(capsys.readouterr().err.replace("│", " ").split())
+
+
+META = torch.device("meta")  # tensors without data: where a buffer puts them, at no cost
+
+
+def _numbered_buffer(T: int, N: int, bptt_len: int, **options) -> RolloutBuffer:
+    """A buffer whose observation at (t, env) is (t, env, 0) and whose stored state before that
+    step is ((t, env),): every minibatch row says which step of which env it holds. Masks of two
+    actions are on, every action allowed."""
+    buffer = RolloutBuffer(T, N, 3, (1,), torch.long, 2, bptt_len, CPU, **options)
+    steps, envs = torch.arange(T)[:, None].expand(T, N), torch.arange(N).expand(T, N)
+    buffer.obs[..., 0], buffer.obs[..., 1] = steps, envs
+    for t in range(T):
+        buffer.store_state(t, (torch.stack([steps[t], envs[t]], -1).float(),))
+    return buffer
+
+
+@pytest.mark.parametrize(
+    ("action_shape", "action_dtype"), [((2,), torch.long), ((3,), torch.float32)]
+)
+def test_buffer_tensors_have_their_shapes_and_dtypes_and_live_on_its_device(
+    action_shape, action_dtype
+):
+    T, N = 5, 3
+    buffer = RolloutBuffer(T, N, 4, action_shape, action_dtype, 6, 4, META)
+    f32, flag = torch.float32, torch.bool
+    expected = {
+        "obs": ((T, N, 4), f32),
+        "is_first": ((T, N), flag),
+        "actions": ((T, N, *action_shape), action_dtype),
+        "masks": ((T, N, 6), flag),
+        "log_probs": ((T, N), f32),
+        "values": ((T, N), f32),
+        "rewards": ((T, N), f32),
+        "dones": ((T, N), flag),
+        "advantages": ((T, N), f32),
+        "returns": ((T, N), f32),
+    }
+    for name, (shape, dtype) in expected.items():
+        x = getattr(buffer, name)
+        assert (tuple(x.shape), x.dtype, x.device) == (shape, dtype, META), name
+    assert buffer.states == ()  # nothing stored yet
+    buffer.store_state(0, (torch.zeros(N, 7, device=META), torch.zeros(N, 2, 7, device=META)))
+    assert [(tuple(s.shape), s.device) for s in buffer.states] == [
+        ((T, N, 7), META),
+        ((T, N, 2, 7), META),
+    ]
+
+
+def test_action_masks_allow_every_action_until_the_rollout_stores_them():
+    buffer = RolloutBuffer(4, 2, 3, (1,), torch.long, 5, 4, CPU)
+    assert buffer.masks.shape == (4, 2, 5) and buffer.masks.dtype == torch.bool
+    assert buffer.masks.all()
+    assert RolloutBuffer(4, 2, 3, (1,), torch.long, None, 4, CPU).masks is None
+
+
+def test_burn_in_windows_are_built_on_the_buffers_device():
+    buffer = RolloutBuffer(8, 3, 4, (1,), torch.long, None, 4, META, burn_in=2)
+    buffer.store_state(0, (torch.zeros(3, 5, device=META),))
+    plan = _Plan(*(torch.tensor(x, device=META) for x in ([0, 4], [1, 2], [4, 4])))
+    burn = buffer._burn_in_windows(plan)
+    for x, shape in [(burn.obs, (2, 2, 4)), (burn.is_first, (2, 2)), (burn.state[0], (2, 5)),
+                     (burn.valid, (2,))]:  # fmt: skip
+        assert (tuple(x.shape), x.device) == (shape, META)
+
+
+def test_a_buffer_without_burn_in_or_stored_state_gives_minibatches_without_either():
+    """Built with the defaults (no burn-in) and filled by a memoryless policy (no state ever
+    stored), a buffer yields minibatches with no burn-in window and an empty state."""
+    buffer = RolloutBuffer(8, 2, 3, (1,), torch.long, None, 4, CPU)
+    batches = list(buffer.minibatches(8, torch.Generator().manual_seed(0)))
+    assert [mb.obs.shape[:2] for mb in batches] == [(4, 2), (4, 2)]
+    for mb in batches:
+        assert mb.burn_in is None and mb.state == () and mb.masks is None and mb.valid is None
+
+
+def test_split_episode_sequences_restart_at_every_episode_start_even_mid_rollout():
+    """A rollout that begins mid-episode (every rollout but the first) starts each env's first
+    sequence at t=0 all the same. Two envs, windows of 3 steps, worked by hand:
+    env 0, episode start at 2: steps since a start 0 1 | 0 1 2 | 3 -> sequences at 0, 2, 5;
+    env 1, starts at 1 and 5:  0 | 0 1 2 | 3 | 0 -> sequences at 0, 1, 4, 5."""
+    buffer = RolloutBuffer(6, 2, 3, (1,), torch.long, None, 3, CPU, split_episodes=True)
+    buffer.is_first[2, 0] = buffer.is_first[1, 1] = buffer.is_first[5, 1] = True
+    plan = buffer.plan()
+    assert plan.t.tolist() == [0, 2, 5, 0, 1, 4, 5]
+    assert plan.env.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert plan.length.tolist() == [2, 3, 1, 1, 3, 1, 1]
+
+
+def test_burn_in_windows_are_the_b_steps_before_each_sequence_from_the_state_stored_there():
+    buffer = _numbered_buffer(T=8, N=2, bptt_len=4, burn_in=4)
+    buffer.is_first[1, 0] = True
+    (mb,) = buffer.minibatches(10_000, torch.Generator().manual_seed(0))
+    starts, envs = mb.obs[0, :, 0].long(), mb.obs[0, :, 1].long()
+    assert sorted(starts.tolist()) == [0, 0, 4, 4]
+    burn = mb.burn_in
+    # the sequences at t=4 have their 4 steps (window from t=0); those at t=0 have none
+    assert burn.valid.tolist() == (starts == 4).tolist()
+    at4 = burn.valid
+    window = torch.arange(4)[:, None].expand(4, 2)  # steps 0..3 of both envs
+    assert torch.equal(burn.obs[:, at4, 0], window.float())
+    assert torch.equal(burn.obs[:, at4, 1], envs[at4].float().expand(4, -1))
+    assert torch.equal(burn.is_first[:, at4], (window == 1) & (envs[at4] == 0))
+    assert torch.equal(burn.state[0][at4], torch.stack([starts[at4] - 4, envs[at4]], -1).float())
+    assert torch.equal(mb.state[0], torch.stack([starts, envs], -1).float())
+
+
+def test_a_one_step_rollout_with_burn_in_keeps_every_stored_start_state():
+    buffer = _numbered_buffer(T=1, N=3, bptt_len=16, burn_in=1)
+    (mb,) = buffer.minibatches(10_000, torch.Generator().manual_seed(0))
+    assert mb.obs.shape[:2] == (1, 3) and mb.valid is None
+    assert not mb.burn_in.valid.any()  # no step before the rollout to burn in from
+    envs = mb.obs[0, :, 1]
+    assert torch.equal(mb.state[0], torch.stack([torch.zeros(3), envs], -1))
+
+
+def test_every_sequence_carries_the_action_masks_of_its_steps():
+    buffer = _numbered_buffer(T=8, N=2, bptt_len=3)  # windows at 0, 3, 6 (the last 2 steps)
+    buffer.masks[..., 0] = torch.rand(8, 2, generator=torch.Generator().manual_seed(1)) < 0.5
+    seen = 0
+    for mb in buffer.minibatches(4, torch.Generator().manual_seed(0)):
+        assert mb.masks.shape == (*mb.obs.shape[:2], 2) and mb.masks.dtype == torch.bool
+        t, env = mb.real(mb.obs[..., 0]).long(), mb.real(mb.obs[..., 1]).long()
+        assert torch.equal(mb.real(mb.masks), buffer.masks[t, env])
+        seen += len(t)
+    assert seen == 16
+
+
+def test_sequences_are_shuffled_by_the_given_generator_alone():
+    buffer = _numbered_buffer(T=16, N=2, bptt_len=4)  # 8 sequences of 4 steps
+    plan = buffer.plan()
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    expected = [(int(plan.t[i]), int(plan.env[i])) for i in order]
+    for global_seed in (0, 1):  # torch's global generator plays no part
+        torch.manual_seed(global_seed)
+        batches = list(buffer.minibatches(4, torch.Generator().manual_seed(3)))  # one sequence each
+        assert [(int(mb.obs[0, 0, 0]), int(mb.obs[0, 0, 1])) for mb in batches] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_minibatches_built_on_cuda_equal_those_built_on_the_cpu():
+    """Plan, burn-in windows and minibatches live on the buffer's device and hold exactly what
+    the same buffer on the CPU gives (split episodes, burn-in, masks and padding all on)."""
+
+    def filled(device: torch.device) -> RolloutBuffer:
+        gen = torch.Generator().manual_seed(0)
+        buffer = RolloutBuffer(10, 3, 2, (1,), torch.long, 3, 4, device, burn_in=2,
+                               split_episodes=True)  # fmt: skip
+        buffer.is_first.copy_(torch.rand(10, 3, generator=gen) < 0.3)
+        buffer.masks.copy_(torch.rand(10, 3, 3, generator=gen) < 0.5)
+        buffer.actions.copy_(torch.randint(0, 3, (10, 3, 1), generator=gen))
+        for name in ("obs", "log_probs", "values", "advantages", "returns"):
+            x = getattr(buffer, name)
+            x.copy_(torch.randn(x.shape, generator=gen))
+        for t in range(10):
+            buffer.store_state(t, (torch.randn(3, 5, generator=gen).to(device),))
+        return buffer
+
+    cuda = torch.device("cuda")
+    on_cpu, on_cuda = (list(filled(d).minibatches(8, torch.Generator().manual_seed(0)))
+                       for d in (CPU, cuda))  # fmt: skip
+    assert len(on_cpu) == len(on_cuda) > 1
+    for a, b in zip(on_cpu, on_cuda, strict=True):
+        pairs = [(getattr(a, k), getattr(b, k)) for k in (*SEQUENCE_FIELDS, "masks", "valid")]
+        pairs += [(getattr(a.burn_in, k), getattr(b.burn_in, k)) for k in ("obs", "is_first")]
+        pairs += [(a.burn_in.valid, b.burn_in.valid), (a.state[0], b.state[0])]
+        pairs += [(a.burn_in.state[0], b.burn_in.state[0])]
+        for x, y in pairs:
+            assert y.device.type == "cuda" and torch.equal(x, y.cpu())

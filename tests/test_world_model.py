@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from memrl.cli import main
 from memrl.envs.moving_dot import (
@@ -16,8 +20,17 @@ from memrl.envs.moving_dot import (
     render_dots,
 )
 from memrl.runs import load_checkpoint
-from memrl.world_model import RSSM, DeterministicModel, RSSMConfig, kl_terms, rssm_loss
+from memrl.world_model import (
+    RSSM,
+    CNNDecoder,
+    CNNEncoder,
+    DeterministicModel,
+    RSSMConfig,
+    kl_terms,
+    rssm_loss,
+)
 from memrl.world_model.evaluate import dot_positions, last_seen_positions, probe_scores
+from memrl.world_model.rssm import encoder_depth
 
 SMALL = RSSMConfig(grid_size=16, channels=(8, 16), deter_size=24, hidden_size=24, stoch_size=6)
 
@@ -227,6 +240,360 @@ def test_encoder_depth_follows_the_grid_size(grid, channels, final):
     assert model.encoder.embed_size == channels[-1] * final**2
 
 
+# -- the model's equations, against step-by-step references on a tiny model ----------------------
+# 8 x 8 frames, one conv to a 4 x 4 map; hidden (6) differs from deter (8) so that a layer of the
+# wrong width cannot go unnoticed.
+MICRO = RSSMConfig(grid_size=8, channels=(4,), deter_size=8, hidden_size=6, stoch_size=4)
+
+
+def micro(**changes) -> RSSMConfig:
+    return dataclasses.replace(MICRO, **changes)
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _silu_mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The spec's MLP: Linear, SiLU, Linear."""
+    first, second = _linears(module)
+    return second(F.silu(first(x)))
+
+
+def _core_input(module: nn.Module, *parts: torch.Tensor) -> torch.Tensor:
+    """SiLU(W [parts])"""
+    (linear,) = _linears(module)
+    return F.silu(linear(torch.cat(parts, -1)))
+
+
+def _reference_filter(model, obs, actions, is_first, noise):
+    """The RSSM equations written out step by step, batch-first, for a Gaussian latent:
+    ``h_t = core(SiLU(W [z_{t-1}, a_t]), h_{t-1})`` with the core reset and ``z_{t-1}``, ``a_t``
+    zeroed where ``is_first``; ``q = MLP([embed(obs_t), h_t])``; ``p = MLP(h_t)``;
+    ``z_t = mean + (softplus(raw_std) + min_std) * noise_t``; ``recon_t = decoder([h_t, z_t])``."""
+    c = model.config
+    B, T = obs.shape[:2]
+    # the posterior's first layer: one Linear (one bias) on the concatenation [embed, h]
+    post_weight = torch.cat([model.post_embed.weight, model.post_deter.weight], 1)
+    state, z = model.core.initial_state(B), torch.zeros(B, c.z_size)
+    out = {key: [] for key in ("h", "z", "post", "prior", "recon")}
+    for t in range(T):
+        keep = (~is_first[:, t]).float().unsqueeze(1)
+        x = _core_input(model.core_input, z * keep, actions[:, t] * keep)
+        h, state = model.core.step(x, state, is_first[:, t])
+        embed = model.encoder(obs[:, t])
+        hidden = F.silu(F.linear(torch.cat([embed, h], 1), post_weight, model.post_embed.bias))
+        post = model.post_out(hidden)
+        mean, raw_std = post[:, : c.stoch_size], post[:, c.stoch_size :]
+        z = mean + (torch.log1p(raw_std.exp()) + c.min_std) * noise[t]
+        prior = _silu_mlp(model.prior_net, h)
+        recon = model.decoder(torch.cat([h, z], 1))
+        for key, value in (("h", h), ("z", z), ("post", post), ("prior", prior), ("recon", recon)):
+            out[key].append(value)
+    return {key: torch.stack(value, 1) for key, value in out.items()}
+
+
+@pytest.mark.parametrize("core", ["gru", "lstm"])
+def test_posterior_pass_follows_the_rssm_equations_step_by_step(core):
+    torch.manual_seed(0)
+    model = RSSM(micro(core=core))
+    B, T = 3, 5
+    obs, actions = torch.rand(B, T, 1, 8, 8), torch.randn(B, T, 2)
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = is_first[1, 3] = True  # a second episode starts inside sequence 1
+
+    torch.manual_seed(1)
+    out = model(obs, actions, is_first=is_first)
+    torch.manual_seed(1)  # the same noise, drawn one step at a time
+    noise = [torch.randn(B, 4) for _ in range(T)]
+    expected = _reference_filter(model, obs, actions, is_first, noise)
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(out[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+    # by default only frame 0 starts an episode: its action leads in from nowhere and is ignored
+    torch.manual_seed(1)
+    default = model(obs, actions)
+    first_only = torch.zeros(B, T, dtype=torch.bool)
+    first_only[:, 0] = True
+    expected = _reference_filter(model, obs, actions, first_only, noise)
+    for key, value in expected.items():
+        torch.testing.assert_close(default[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    other_first_action = actions.clone()
+    other_first_action[:, 0] = 5.0
+    torch.manual_seed(1)
+    assert torch.equal(model(obs, other_first_action)["h"], default["h"])
+
+
+@pytest.mark.parametrize("latent", ["gaussian", "categorical"])
+def test_imagine_rolls_the_prior_open_loop_from_the_given_state(latent):
+    torch.manual_seed(0)
+    model = RSSM(micro(latent=latent, groups=2, classes=3))
+    T, B, Z = 4, 3, model.config.z_size
+    actions = torch.randn(T, B, 2)
+    state = tuple(torch.randn_like(s) for s in model.core.initial_state(B))
+    z = torch.randn(B, Z)
+    not_first = torch.zeros(B, dtype=torch.bool)
+
+    def reference(noise=None):
+        s, zt, hs, zs, priors = state, z, [], [], []
+        for t in range(T):
+            h, s = model.core.step(_core_input(model.core_input, zt, actions[t]), s, not_first)
+            prior = _silu_mlp(model.prior_net, h)
+            if latent == "categorical":  # the mode: each group's likeliest class
+                zt = F.one_hot(prior.view(B, 2, 3).argmax(-1), 3).float().view(B, 6)
+            else:
+                mean, raw_std = prior[:, :4], prior[:, 4:]
+                zt = mean if noise is None else mean + (F.softplus(raw_std) + 0.1) * noise[t]
+            hs.append(h)
+            zs.append(zt)
+            priors.append(prior)
+        return {"h": torch.stack(hs), "z": torch.stack(zs), "prior": torch.stack(priors)}, s
+
+    stats = 8 if latent == "gaussian" else 6
+    out = model.imagine(actions, state, z, sample=False)
+    assert set(out) == {"h", "z", "prior", "state", "z_last"}
+    assert out["h"].shape == (T, B, 8) and out["z"].shape == (T, B, Z)
+    assert out["prior"].shape == (T, B, stats)
+    expected, final_state = reference()
+    for key, value in expected.items():
+        torch.testing.assert_close(out[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    torch.testing.assert_close(out["z_last"], expected["z"][-1])
+    for got, want in zip(out["state"], final_state, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+    if latent == "gaussian":  # by default imagine samples from the prior
+        torch.manual_seed(3)
+        sampled = model.imagine(actions, state, z)
+        torch.manual_seed(3)
+        expected, _ = reference([torch.randn(B, 4) for _ in range(T)])
+        for key, value in expected.items():
+            torch.testing.assert_close(sampled[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_gaussian_latent_std_is_softplus_plus_min_std():
+    model = RSSM(micro(min_std=0.25))
+    torch.manual_seed(0)
+    stats = torch.randn(2, 3, 8) * 3  # (T, B, 2 * stoch): mean, then raw std
+    mean, std = stats[..., :4], torch.log(1 + stats[..., 4:].exp()) + 0.25
+    dist = model.distribution(stats)
+    assert dist.batch_shape == (2, 3) and dist.event_shape == (4,)
+    torch.testing.assert_close(dist.mean, mean)
+    torch.testing.assert_close(dist.stddev, std)
+    assert torch.equal(model.mode(stats), mean)
+    torch.manual_seed(1)
+    sample = model.sample(stats)
+    torch.manual_seed(1)
+    torch.testing.assert_close(sample, mean + std * torch.randn(2, 3, 4))
+    value = torch.randn(2, 3, 4)
+    log_normal = (
+        -((value - mean) ** 2) / (2 * std**2)
+        - std.log()
+        - 0.5 * torch.log(torch.tensor(2 * torch.pi))
+    )
+    torch.testing.assert_close(dist.log_prob(value), log_normal.sum(-1))
+
+
+def test_categorical_probabilities_mix_a_uniform_share_into_each_group():
+    model = RSSM(micro(latent="categorical", groups=3, classes=4, unimix=0.2))
+    torch.manual_seed(0)
+    stats = torch.randn(2, 5, 12) * 2
+    logits = stats.view(2, 5, 3, 4)
+    expected = 0.8 * logits.exp() / logits.exp().sum(-1, keepdim=True) + 0.2 / 4
+    dist = model.distribution(stats)
+    assert dist.batch_shape == (2, 5) and dist.event_shape == (3, 4)
+    torch.testing.assert_close(dist.base_dist.probs, expected)
+    torch.testing.assert_close(dist.base_dist.probs.sum(-1), torch.ones(2, 5, 3))
+    value = F.one_hot(torch.randint(0, 4, (2, 5, 3)), 4).float()
+    torch.testing.assert_close(dist.log_prob(value), (expected.log() * value).sum((-2, -1)))
+    # the KL terms: sum over groups and classes of q log(q / p), one per step
+    prior = torch.randn(2, 5, 12)
+    logits_p = prior.view(2, 5, 3, 4)
+    p = 0.8 * logits_p.exp() / logits_p.exp().sum(-1, keepdim=True) + 0.05
+    dynamics, representation = kl_terms(model, stats, prior)
+    torch.testing.assert_close(dynamics, (expected * (expected / p).log()).sum((-2, -1)))
+    torch.testing.assert_close(representation, dynamics)
+
+
+def test_categorical_mode_is_each_groups_likeliest_class_as_one_hots():
+    model = RSSM(micro(latent="categorical", groups=2, classes=3))
+    stats = torch.tensor([[0.1, 2.0, -1.0, 3.0, 0.0, 0.5], [-1.0, -2.0, 0.0, 0.0, 0.2, 0.1]])
+    expected = torch.tensor([[0.0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 1, 0]])
+    mode = model.mode(stats)
+    assert mode.dtype == torch.float32 and torch.equal(mode, expected)
+    batched = model.mode(stats.expand(4, 2, 6))
+    assert batched.dtype == torch.float32 and torch.equal(batched, expected.expand(4, 2, 6))
+
+
+def test_categorical_samples_follow_the_probabilities_with_straight_through_gradients():
+    model = RSSM(micro(latent="categorical", groups=2, classes=3, unimix=0.0))
+    # the last class of each group has probability exactly 0; the others 1/(1 + e) and e/(1 + e)
+    stats = torch.tensor([0.0, 1.0, -1e4, 1.0, 0.0, -1e4])
+    torch.manual_seed(0)
+    samples = model.sample(stats.expand(20000, 6)).view(20000, 2, 3)
+    assert samples.shape == (20000, 2, 3) and torch.equal(samples.sum(-1), torch.ones(20000, 2))
+    assert torch.equal(samples, samples.round()) and samples[..., 2].sum() == 0
+    e = torch.e
+    expected = torch.tensor([[1 / (1 + e), e / (1 + e), 0.0], [e / (1 + e), 1 / (1 + e), 0.0]])
+    torch.testing.assert_close(samples.mean(0), expected, atol=0.015, rtol=0)
+    # straight-through: the sample's gradient is the probabilities' gradient
+    stats = torch.randn(5, 6, requires_grad=True)
+    weights = torch.randn(5, 6)
+    (grad,) = torch.autograd.grad((model.sample(stats) * weights).sum(), stats)
+    logits = stats.view(5, 2, 3)
+    probs = logits.exp() / logits.exp().sum(-1, keepdim=True)
+    (expected_grad,) = torch.autograd.grad((probs.view(5, 6) * weights).sum(), stats)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("core", ["gru", "lstm"])
+def test_deterministic_model_predicts_each_frame_from_the_frames_before_it(core):
+    """``h_t = core(SiLU(W [embed(obs_{t-1}), a_t]), h_{t-1})`` (a zero embedding before frame 0,
+    the core reset there), ``recon_t = decoder(h_t)``; 12 x 12 frames make a 6 x 6 map."""
+    torch.manual_seed(0)
+    model = DeterministicModel(micro(grid_size=12, core=core))
+    B, T = 3, 5
+    obs, actions = torch.rand(B, T, 1, 12, 12), torch.randn(B, T, 2)
+    out = model(obs, actions)
+    assert set(out) == {"recon", "h"}
+    assert out["recon"].shape == (B, T, 1, 12, 12) and out["h"].shape == (B, T, 8)
+    state, previous = model.core.initial_state(B), torch.zeros(B, 4 * 6 * 6)
+    hs, frames = [], []
+    for t in range(T):
+        x = _core_input(model.core_input, previous, actions[:, t])
+        h, state = model.core.step(x, state, torch.full((B,), t == 0))
+        hs.append(h)
+        frames.append(model.decoder(h))
+        previous = model.encoder(obs[:, t])
+    torch.testing.assert_close(out["h"], torch.stack(hs, 1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["recon"], torch.stack(frames, 1), atol=1e-5, rtol=1e-4)
+    # changing frame 2 changes the predictions of frames 3 and 4 only
+    changed = obs.clone()
+    changed[:, 2] = torch.rand(B, 1, 12, 12)
+    again = model(changed, actions)["recon"]
+    torch.testing.assert_close(again[:, :3], out["recon"][:, :3])
+    assert ((again[:, 3:] - out["recon"][:, 3:]).abs().amax((2, 3, 4)) > 1e-6).all()
+
+
+def test_models_make_every_tensor_on_the_device_of_their_input():
+    """On the meta device (no data: only where each tensor is made is checked). The deterministic
+    model runs one step: its fused multi-step CPU kernel needs data."""
+    meta = torch.device("meta")
+    model = RSSM(micro()).to(meta)
+    obs, actions = torch.zeros(2, 3, 1, 8, 8, device=meta), torch.zeros(2, 3, 2, device=meta)
+    for use_posterior in (True, False):
+        out = model(obs, actions, use_posterior=use_posterior)
+        assert {value.device for value in out.values()} == {meta}
+    state, z = model.initial(2)
+    imagined = model.imagine(actions.transpose(0, 1), state, z)
+    assert {imagined[key].device for key in ("h", "z", "prior", "z_last")} == {meta}
+    # a model on the CPU asked for a state on another device
+    state, z = RSSM(micro()).initial(2, meta)
+    assert z.shape == (2, 4) and {z.device, *(s.device for s in state)} == {meta}
+    deterministic = DeterministicModel(micro()).to(meta)
+    out = deterministic(obs[:, :1], actions[:, :1])
+    assert out["recon"].device == out["h"].device == meta
+
+
+def test_initial_state_and_latent_are_zeros_of_the_batch():
+    model = RSSM(micro(core="lstm"))
+    state, z = model.initial(3)
+    assert torch.equal(z, torch.zeros(3, 4))
+    assert len(state) == 2 and all(torch.equal(s, torch.zeros(3, 1, 8)) for s in state)
+
+
+def test_reconstruction_loss_sums_squared_error_over_pixels_and_averages_over_batch_and_time():
+    model = RSSM(micro())
+    torch.manual_seed(0)
+    obs, recon = torch.rand(2, 3, 1, 8, 8), torch.rand(2, 3, 1, 8, 8)
+    stats = torch.randn(2, 3, 8)
+    out = {"recon": recon, "post": stats, "prior": stats}  # KL = 0
+    losses = rssm_loss(model, obs, out, beta=1.0, balance=0.8, free_bits=0.0)
+    per_frame = [((recon[b, t] - obs[b, t]) ** 2).sum() for b in range(2) for t in range(3)]
+    expected = sum(per_frame) / 6
+    assert losses["recon"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_open_loop_context_defaults_to_every_given_frame_and_may_be_one_frame():
+    torch.manual_seed(0)
+    model = RSSM(micro()).eval()
+    obs, actions, future = torch.rand(2, 4, 1, 8, 8), torch.randn(2, 4, 2), torch.randn(2, 3, 2)
+    every = model.open_loop_rollout(obs, actions, future)
+    assert torch.equal(every, model.open_loop_rollout(obs, actions, future, K=4))
+    one = model.open_loop_rollout(obs, actions, future, K=1)
+    assert one.shape == (2, 3, 1, 8, 8)
+    assert torch.equal(one, model.open_loop_rollout(obs[:, :1], actions[:, :1], future))
+    assert not torch.allclose(one, every)
+
+
+def test_shape_errors_name_the_expected_shapes():
+    model = RSSM(micro())
+    expected = "actions have shape (3, 4, 2); expected (3, 5, 2) to match obs"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        model(torch.zeros(3, 5, 1, 8, 8), torch.zeros(3, 4, 2))
+    with pytest.raises(ValueError, match=re.escape("expected (B, T, 1, 8, 8)")):
+        DeterministicModel(micro())(torch.zeros(3, 5, 1, 8, 9), torch.zeros(3, 5, 2))
+    state, z = model.initial(2)
+    embed, actions = torch.zeros(3, 2, model.encoder.embed_size), torch.zeros(3, 2, 2)
+    with pytest.raises(ValueError):  # is_first for 2 of the 3 steps is not cut short silently
+        model.observe(embed, actions, torch.zeros(2, 2, dtype=torch.bool), state, z)
+
+
+def test_config_takes_its_smallest_valid_values_and_rejects_the_rest():
+    sizes = ("deter_size", "hidden_size", "stoch_size", "groups", "classes")
+    smallest = RSSMConfig(
+        grid_size=8, channels=(1,), unimix=0.0, min_std=0.0, **dict.fromkeys(sizes, 1)
+    )
+    assert (smallest.conv_channels, smallest.final_size, smallest.z_size) == ((1,), 4, 1)
+    out = RSSM(smallest)(torch.rand(2, 3, 1, 8, 8), torch.zeros(2, 3, 2))
+    assert out["recon"].shape == (2, 3, 1, 8, 8) and out["z"].shape == (2, 3, 1)
+    assert RSSMConfig(unimix=0.5, latent="categorical").z_size == 32 * 32
+    for name in sizes:
+        with pytest.raises(ValueError, match=f"^{name}=0; expected a positive integer$"):
+            RSSMConfig(**{name: 0})
+    with pytest.raises(ValueError, match=re.escape("channels=(4, 0); grid_size=16 takes 1 to 2")):
+        RSSMConfig(grid_size=16, channels=(4, 0))
+    with pytest.raises(ValueError, match=re.escape("down to 4 x 4 at most")):
+        RSSMConfig(grid_size=16, channels=())
+    for unimix in (1.0, -0.01):
+        with pytest.raises(
+            ValueError, match=re.escape(f"unimix={unimix}; expected a value in [0, 1)")
+        ):
+            RSSMConfig(unimix=unimix)
+    with pytest.raises(ValueError, match="min_std=-0.01; expected a value >= 0"):
+        RSSMConfig(min_std=-0.01)
+
+
+@pytest.mark.parametrize(
+    ("size", "depth"),
+    [(6, 0), (7, 0), (8, 1), (10, 1), (12, 1), (16, 2), (20, 2), (40, 3), (96, 4), (128, 5)],
+)
+def test_encoder_depth_halves_while_a_whole_number_of_at_least_four_is_left(size, depth):
+    assert encoder_depth(size) == depth
+
+
+@pytest.mark.parametrize(
+    ("grid", "channels", "conv_channels", "final"),
+    [(10, None, (16,), 5), (12, None, (16,), 6), (256, None, (16, 32, 64, 128, 256, 256), 4),
+     (32, (8,), (8,), 16), (48, (8, 8), (8, 8), 12)],
+)  # fmt: skip
+def test_conv_channels_and_final_size_follow_the_grid_and_the_channels(
+    grid, channels, conv_channels, final
+):
+    config = RSSMConfig(grid_size=grid, channels=channels)
+    assert (config.conv_channels, config.final_size) == (conv_channels, final)
+
+
+def test_encoder_and_decoder_default_to_a_four_by_four_map():
+    encoder, decoder = CNNEncoder((4, 6)), CNNDecoder(5, (4, 6))
+    assert encoder.embed_size == 6 * 4 * 4
+    assert encoder(torch.rand(2, 1, 16, 16)).shape == (2, 96)
+    assert decoder(torch.rand(2, 5)).shape == (2, 1, 16, 16)
+    assert CNNEncoder((4,), 6)(torch.rand(2, 1, 12, 12)).shape == (2, 4 * 6 * 6)
+    assert CNNDecoder(5, (4,), 6)(torch.rand(2, 5)).shape == (2, 1, 12, 12)
+
+
 # -- training, the CLI and evaluation ------------------------------------------------------------
 TINY = ["--device", "cpu", "--deterministic", "--grid_size", "16", "--channels", "8", "16"]
 TINY += ["--deter_size", "32", "--hidden_size", "32", "--stoch_size", "8"]
@@ -341,3 +708,22 @@ def test_any_grid_size_trains_without_channels_and_model_flags_reach_the_model(t
     assert saved["grid_size"] == int(extra[1]) and saved["channels"] is None
     if "--groups" in extra:
         assert (saved["groups"], saved["classes"], saved["unimix"]) == (4, 3, 0.05)
+
+
+def test_the_prior_path_resets_where_an_episode_starts_as_the_posterior_path_does():
+    """``use_posterior=False`` honours ``is_first``: a sequence reset at step 2 continues as a
+    fresh sequence started there, and the action into a first frame is ignored."""
+    torch.manual_seed(0)
+    model = RSSM(RSSMConfig(grid_size=8, channels=(4,), deter_size=8, hidden_size=6, stoch_size=4))
+    model.sample = model.mode  # deterministic: compare paths, not draws
+    obs, actions = torch.rand(2, 4, 1, 8, 8), torch.randn(2, 4, 2)
+    reset = torch.zeros(2, 4, dtype=torch.bool)
+    reset[:, 0] = reset[:, 2] = True
+    with torch.no_grad():
+        whole = model(obs, actions, use_posterior=False, is_first=reset)["h"]
+        fresh = model(obs[:, 2:], actions[:, 2:], use_posterior=False)["h"]
+        torch.testing.assert_close(whole[:, 2:], fresh)
+        other = actions.clone()
+        other[:, 0] = 5.0  # the action into the first frame
+        same = model(obs, other, use_posterior=False, is_first=reset)["h"]
+    torch.testing.assert_close(whole, same)

@@ -261,13 +261,21 @@ class RSSM(nn.Module):
         }
 
     def imagine(
-        self, actions: torch.Tensor, state: State, z: torch.Tensor, sample: bool = True
+        self,
+        actions: torch.Tensor,
+        state: State,
+        z: torch.Tensor,
+        sample: bool = True,
+        is_first: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | State]:
-        """Roll the prior open loop over time-major ``actions`` (T, B, A); no observation."""
-        not_first = torch.zeros(actions.shape[1], dtype=torch.bool, device=actions.device)
+        """Roll the prior open loop over time-major ``actions`` (T, B, A); no observation.
+        ``is_first`` (T, B) resets the state (and zeroes ``z_{t-1}``, ``a_t``) where an episode
+        starts, as in :meth:`observe`; by default nowhere."""
+        if is_first is None:
+            is_first = torch.zeros(actions.shape[:2], dtype=torch.bool, device=actions.device)
         hs, zs, priors = [], [], []
-        for action in actions.unbind(0):
-            h, state = self._core_step(z, action, state, not_first)
+        for action, first in zip(actions.unbind(0), is_first, strict=True):
+            h, state = self._core_step(z, action, state, first)
             prior = self.prior_net(h)
             z = self.sample(prior) if sample else self.mode(prior)
             hs.append(h)
@@ -314,7 +322,7 @@ class RSSM(nn.Module):
         if use_posterior:
             out = self.observe(self.encode(obs.transpose(0, 1)), acts, is_first.T, state, z)
         else:
-            out = self.imagine(acts, state, z)
+            out = self.imagine(acts, state, z, is_first=is_first.T)
         recon = self.decode(out["h"], out["z"])
         result = {"recon": recon.transpose(0, 1)}
         for key in ("h", "z", "prior", "post"):
