@@ -573,3 +573,349 @@ def test_conv_identity_gate_hook_is_the_plain_core_and_calls_are_as_documented(n
     calls.clear()
     core.step(x[0], state, is_first[0], gate_hook=identity)
     assert {t for _, t, *_ in calls} == {0}
+
+
+# -- state helpers on states of several tensors of several ranks -----------------------------------
+def ragged_state(batch: int, seed: int = 0):
+    """A state of three tensors of ranks 1, 3 and 5, batch first: on these, dimension arguments
+    that coincide for 2-D tensors (0 and -2, 1 and -1) pick different dimensions."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch,), (batch, 2, 3), (batch, 2, 1, 3, 2)]
+    return tuple(torch.randn(shape, generator=gen, dtype=torch.float64) for shape in shapes)
+
+
+@pytest.mark.parametrize(
+    ("index", "rows"),
+    [
+        (2, [2]),
+        ([3, 0], [3, 0]),
+        (torch.tensor([1, 1, 4]), [1, 1, 4]),
+        (slice(1, 4), [1, 2, 3]),
+        (torch.tensor([True, False, False, True, True]), [0, 3, 4]),
+    ],
+)
+def test_select_state_takes_the_same_rows_of_every_tensor(index, rows):
+    state = ragged_state(5)
+    selected = select_state(state, index)
+    assert len(selected) == len(state)
+    for s, sel in zip(state, selected, strict=True):
+        torch.testing.assert_close(sel, torch.stack([s[r] for r in rows]), rtol=0, atol=0)
+
+
+def test_cat_states_joins_batches_in_order_and_checks_its_input():
+    state = ragged_state(6)
+    parts = [tuple(s[lo:hi] for s in state) for lo, hi in ((0, 1), (1, 4), (4, 6))]
+    joined = cat_states(parts)
+    assert len(joined) == len(state)
+    for s, j in zip(state, joined, strict=True):
+        assert j.shape == s.shape
+        torch.testing.assert_close(j, s, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^cat_states needs at least one state$"):
+        cat_states([])
+    with pytest.raises(
+        ValueError, match=re.escape("cat_states: states have different lengths [3, 2]")
+    ):
+        cat_states([state, state[:2]])
+
+
+def test_detach_state_cuts_the_graph_and_keeps_the_values():
+    leaves = tuple(s.requires_grad_() for s in ragged_state(3))
+    state = tuple(2 * s for s in leaves)
+    detached = detach_state(state)
+    assert len(detached) == len(state)
+    for leaf, d in zip(leaves, detached, strict=True):
+        assert d.grad_fn is None and not d.requires_grad
+        torch.testing.assert_close(d, 2 * leaf.detach(), rtol=0, atol=0)
+
+
+def test_state_to_moves_every_tensor():
+    state = ragged_state(3)
+    moved = state_to(state, torch.device("meta"))
+    assert [s.device.type for s in moved] == ["meta"] * len(state)
+    assert [(s.shape, s.dtype) for s in moved] == [(s.shape, s.dtype) for s in state]
+    back = state_to(state, "cpu")
+    assert [s.device.type for s in back] == ["cpu"] * len(state)
+    assert_all_close(back, state, "state_to cpu")
+
+
+def test_zero_state_where_zeroes_the_masked_rows_of_every_tensor():
+    state = ragged_state(4)
+    before = tuple(s.clone() for s in state)
+    mask = torch.tensor([False, True, False, True])
+    zeroed = zero_state_where(state, mask)
+    assert len(zeroed) == len(state)
+    for s, z in zip(state, zeroed, strict=True):
+        assert z.shape == s.shape
+        for b in range(4):
+            want = torch.zeros_like(s[b]) if mask[b] else s[b]
+            torch.testing.assert_close(z[b], want, rtol=0, atol=0)
+    assert_all_close(state, before, "the input state is left as it was")
+    assert zero_state_where((), torch.tensor([True, False])) == ()
+
+
+def test_zero_state_where_rejects_a_mask_of_the_wrong_shape():
+    state = (torch.ones(4, 2),)
+    for mask in (torch.ones(4, 1), torch.ones(3), torch.ones(()), torch.ones(1, 4)):
+        want = f"zero_state_where: mask must have shape (B,) = (4,), got {tuple(mask.shape)}"
+        with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+            zero_state_where(state, mask.bool())
+    with pytest.raises(ValueError, match=re.escape("(B,) = (?,), got (2, 1)")):
+        zero_state_where((), torch.ones(2, 1, dtype=torch.bool))
+
+
+# -- sizes, defaults and initialisation ------------------------------------------------------------
+SIZE_OPTIONS = [
+    *((name, option) for name in VECTOR for option in ("input_size", "hidden_size", "num_layers")),
+    *(
+        (name, option)
+        for name in CONV
+        for option in ("input_channels", "hidden_channels", "kernel_size", "num_layers")
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "option"), SIZE_OPTIONS)
+@pytest.mark.parametrize("value", [0, True, 2.5])
+def test_every_size_must_be_a_positive_int(name, option, value):
+    """Zero, a bool and a float are each refused with the option's name (``True`` is an int to
+    Python but not a size)."""
+    if name in CONV:
+        kwargs = {"input_channels": 2, "hidden_channels": 3, "spatial_size": 4}
+    else:
+        kwargs = {"input_size": 3, "hidden_size": 4}
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(f'{option} must be a positive int, got {value!r}')}$"
+    ):
+        make_core(name, **(kwargs | {option: value}))
+
+
+def test_documented_defaults():
+    """One layer everywhere; GRU/LSTM without layer norm and with the orthogonal init; conv cores
+    with 3x3 kernels; an int spatial size means a square map."""
+    none = make_core("none", input_size=3, hidden_size=4)
+    assert none.num_layers == 1 and len(none.mlp) == 2
+    for name, n_state in (("gru", 1), ("lstm", 2)):
+        core = make_core(name, input_size=3, hidden_size=4)
+        assert (core.num_layers, core.rnn.num_layers, core.layer_norm, core.init) == (
+            1,
+            1,
+            False,
+            "orthogonal",
+        )
+        assert core.state_shapes == ((1, 4),) * n_state and len(core.norms) == 0
+    for name, n_state in (("conv_gru", 1), ("conv_lstm", 2)):
+        core = make_core(name, input_channels=2, hidden_channels=3, spatial_size=5)
+        assert core.kernel_size == 3 and core.num_layers == 1 and len(core.x_convs) == 1
+        assert core.x_convs[0].kernel_size == (3, 3)
+        assert core.feature_shape == (2, 5, 5) and core.output_shape == (3, 5, 5)
+        assert core.state_shapes == ((1, 3, 5, 5),) * n_state
+        y, _ = core(torch.zeros(2, 1, 2, 5, 5), core.initial_state(1), torch.ones(2, 1).bool())
+        assert y.shape == (2, 1, 3, 5, 5)
+    rect = make_core("conv_gru", input_channels=2, hidden_channels=3, spatial_size=(4, 6))
+    assert rect.output_shape == (3, 4, 6) and rect.state_shapes == ((1, 3, 4, 6),)
+
+
+def test_orthogonal_init_zero_biases_but_the_lstm_forget_gate_input_bias_is_one():
+    """Per layer: every (H, H) block of the recurrent weight orthogonal, bias_hh zero, bias_ih
+    zero except the LSTM's forget gate (gate order i, f, g, o) at 1."""
+    H = 5
+    for name, gates in (("lstm", 4), ("gru", 3)):
+        core = build(name, 7, input_size=3, hidden_size=H, num_layers=2)
+        for k in range(2):
+            w_hh = core.rnn.get_parameter(f"weight_hh_l{k}")
+            assert w_hh.shape == (gates * H, H)
+            for g in range(gates):
+                block = w_hh[g * H : (g + 1) * H]
+                eye = torch.eye(H, dtype=block.dtype)
+                torch.testing.assert_close(block @ block.t(), eye, atol=1e-6, rtol=0)
+            want_ih = torch.zeros(gates * H, dtype=torch.float64)
+            if name == "lstm":
+                want_ih[H : 2 * H] = 1.0
+            torch.testing.assert_close(core.rnn.get_parameter(f"bias_ih_l{k}"), want_ih)
+            torch.testing.assert_close(
+                core.rnn.get_parameter(f"bias_hh_l{k}"), torch.zeros_like(want_ih)
+            )
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_pytorch_init_is_uniform_within_one_over_sqrt_hidden(name):
+    """``init="pytorch"``: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)); with this many
+    draws each tensor reaches near both ends and none is orthogonal."""
+    torch.manual_seed(11)
+    H = 16
+    core = make_core(name, input_size=3, hidden_size=H, num_layers=2, init="pytorch")
+    bound = H**-0.5
+    for pname, p in core.rnn.named_parameters():
+        assert p.abs().max() <= bound, pname
+        assert p.max() > 0.8 * bound and p.min() < -0.8 * bound, pname
+    block = core.rnn.weight_hh_l0[:H]
+    assert not torch.allclose(block @ block.t(), torch.eye(H), atol=1e-2)
+
+
+def test_conv_lstm_forget_gate_bias_is_one_and_the_others_keep_conv2ds_default():
+    """Gate order (i, f, g, o): the f block of every layer's x-convolution bias is 1; i, g and o
+    keep ``nn.Conv2d``'s U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the h convolutions have no bias."""
+    torch.manual_seed(2)
+    K = 4
+    core = make_core("conv_lstm", input_channels=2, hidden_channels=K, spatial_size=3, num_layers=2)
+    for k, conv in enumerate(core.x_convs):
+        bound = ((2 if k == 0 else K) * 9) ** -0.5
+        bias = conv.bias.detach()
+        assert bias.shape == (4 * K,)
+        assert torch.equal(bias[K : 2 * K], torch.ones(K))
+        others = torch.cat([bias[:K], bias[2 * K :]])
+        assert (others.abs() <= bound).all()
+        assert core.h_convs[k].bias is None
+    gru = make_core("conv_gru", input_channels=2, hidden_channels=K, spatial_size=3)
+    assert (gru.x_convs[0].bias.abs() <= (2 * 9) ** -0.5).all()
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_layer_norm_option_normalises_the_pre_activations(name):
+    """``layer_norm=True``: the unroll follows the layer-norm equations (the input and recurrent
+    pre-activations normalised without a shift of their own, the biases added after; the LSTM's
+    cell normalised with scale and shift), not the plain cell's."""
+    core = build(name, 4, hidden_size=6, num_layers=2, layer_norm=True)
+    assert core.layer_norm is True
+    norm_params = sorted(n for n, _ in core.named_parameters() if n.startswith("norms."))
+    per_layer = ["hh.weight", "ih.weight"] + (["c.bias", "c.weight"] if name == "lstm" else [])
+    assert norm_params == sorted(f"norms.{k}.{p}" for k in range(2) for p in per_layer)
+    with torch.no_grad():  # scales and shifts away from 1 and 0, so each one counts
+        for p in core.norms.parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape, dtype=p.dtype))
+    x, state, is_first = inputs(core, 5, 3, 4, 0.3)
+    is_first[2, 1] = True
+    keep = (~is_first).to(x.dtype)
+    layers = [[s[:, k] for s in state] for k in range(2)]
+    ys = []
+    for t in range(5):
+        inp = x[t]
+        for k in range(2):
+            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            params = [core.rnn.get_parameter(f"{n}_l{k}") for n in names]
+            masked = [s * keep[t, :, None] for s in layers[k]]
+            layers[k] = layer_norm_cell(name, core.norms[k], inp, masked, *params)
+            inp = layers[k][0]
+        ys.append(inp)
+    y, final = core(x, state, is_first)
+    torch.testing.assert_close(y, torch.stack(ys), **TOL)
+    for i, s in enumerate(final):
+        torch.testing.assert_close(s, torch.stack([lay[i] for lay in layers], 1), **TOL)
+
+
+# -- empty sequences, wide conv gates, groups, other dtypes, the device of created tensors --------
+@pytest.mark.parametrize("name", ALL)
+def test_an_empty_sequence_has_no_outputs_and_keeps_the_state(name):
+    core = build(name, 0, num_layers=2)
+    _, state, _ = inputs(core, 1, 2, 0, 0.0)
+    x = torch.zeros(0, 2, *core.feature_shape, dtype=torch.float64)
+    y, final = core(x, state, torch.zeros(0, 2, dtype=torch.bool))
+    assert y.shape == (0, 2, *core.output_shape) and y.dtype == torch.float64
+    assert_all_close(final, state, f"{name} state after no step")
+
+
+def test_conv_lstm_with_many_channels_matches_the_reference():
+    """Five or more hidden channels (the gate split must be by blocks of K, not by size)."""
+    for K in (5, 6):
+        check_unroll("conv_lstm", {"hidden_channels": K, "spatial_size": (2, 3)}, (3, 2), 0.3, K)
+
+
+def group_outputs_and_grads(cores, runs, is_first, unroll, seed=0):
+    """Outputs, final states and the gradients (inputs, states, parameters) of a random linear
+    loss over every core's outputs; ``unroll(cores, xs, states, is_first)`` -> [(y, final)]."""
+    leaves = [
+        (x.clone().requires_grad_(), [s.clone().requires_grad_() for s in st]) for x, st in runs
+    ]
+    outputs = unroll(cores, [x for x, _ in leaves], [tuple(s) for _, s in leaves], is_first)
+    gen = torch.Generator().manual_seed(seed)
+    flat = [t for y, final in outputs for t in (y, *final)]
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in flat)
+    wrt = [t for x, state in leaves for t in (x, *state)]
+    wrt += [p for core in cores for p in core.parameters()]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
+    return [*flat, *grads]
+
+
+def reference_each(cores, xs, states, is_first):
+    return [reference(c, x, s, is_first) for c, x, s in zip(cores, xs, states, strict=True)]
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_fused_group_of_cores_with_their_own_biases_matches_the_reference(name, group):
+    """``init="pytorch"`` draws every bias (b_hh too) at random, so each core of a fused group
+    has its own biases in every gate: each core's outputs, final state and gradients are those of
+    PyTorch's cells with that core's parameters (a group of one too)."""
+    cores = [build(name, 20 + g, num_layers=2, init="pytorch") for g in range(group)]
+    runs = [inputs(core, 6, 3, 30 + g, 0.3)[:2] for g, core in enumerate(cores)]
+    is_first = inputs(cores[0], 6, 3, 40, 0.3)[2]
+    is_first[2, 1] = True
+    want = group_outputs_and_grads(cores, runs, is_first, reference_each)
+    got = group_outputs_and_grads(cores, runs, is_first, unroll_together)
+    assert_all_close(got, want, f"{name} group of {group}")
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_bfloat16_unroll_matches_the_float64_reference(name):
+    core = build(name, 8, num_layers=2, init="pytorch")
+    x, state, is_first = inputs(core, 6, 3, 8, 0.3)
+    want_y, want_final = reference(core, x, state, is_first)
+    core16 = copy.deepcopy(core).to(torch.bfloat16)
+    y, final = core16(x.bfloat16(), tuple(s.bfloat16() for s in state), is_first)
+    assert y.dtype == torch.bfloat16
+    for got, want in zip((y, *final), (want_y, *want_final), strict=True):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unrolls_create_their_tensors_on_the_input_device(name):
+    """Every tensor an unroll makes goes on its input's device, not on the default device: with
+    'meta' as the default device, CPU unrolls (the fused group, the packed-sequence logic of the
+    CUDA path, one step) give the same numbers (a tensor made on 'meta' would meet CPU tensors
+    and fail)."""
+    core = build(name, 9, num_layers=2)
+    x, state, is_first = inputs(core, 6, 3, 9, 0.0)
+    is_first[[1, 4], [0, 2]] = True
+    runs = {
+        "forward": lambda: core(x, state, is_first),
+        "step": lambda: core.step(x[0], state, is_first[1]),
+    }
+    if name in ("gru", "lstm"):
+        second = build(name, 10, num_layers=2)
+        runs["packed"] = lambda: core._unroll_cudnn(x, state, is_first)
+        runs["group"] = lambda: unroll_together([core, second], [x, x], [state, state], is_first)[1]
+    for what, run in runs.items():
+        want_y, want_final = run()
+        with torch.device("meta"):
+            y, final = run()
+        assert y.device.type == "cpu", what
+        assert_all_close([y, *final], [want_y, *want_final], f"{name} {what}")
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_cuda_dispatch_matches_the_reference_on_cpu(name, monkeypatch):
+    """Without the fused path (as on CUDA) ``_unroll`` sends one step to PyTorch's cells and a
+    longer sequence to the cuDNN logic (plain or packed): outputs, final states and gradients
+    match the reference for any T and B, a batch of one included."""
+    core = build(name, 12, num_layers=2)
+    monkeypatch.setattr(core, "_takes_fused_path", lambda x: False)
+    for T, B in ((1, 3), (2, 3), (5, 1), (5, 3)):
+        x, state, is_first = inputs(core, T, B, 12 + T + B, 0.3)
+        if T > 2:
+            is_first[2, 0] = True
+        want = outputs_and_grads(core, x, state, is_first, reference)
+        got = outputs_and_grads(core, x, state, is_first, unroll_forward)
+        assert_all_close(got, want, f"{name} T={T} B={B}")
+
+
+def test_unroll_together_of_one_core_is_its_unroll_and_mismatched_lists_fail():
+    core = build("lstm", 13, num_layers=2)
+    x, state, is_first = inputs(core, 5, 2, 13, 0.3)
+    ((y, final),) = unroll_together([core], [x], [state], is_first)
+    want_y, want_final = reference(core, x, state, is_first)
+    assert_all_close([y, *final], [want_y, *want_final], "group of one")
+    want = (
+        "unroll_together: 1 cores, 2 inputs and 1 states; expected one input and one state per core"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        unroll_together([core], [x, x], [state], is_first)

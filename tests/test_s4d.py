@@ -4,6 +4,7 @@ an independent complex recurrence written from the parameters gives the same num
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -261,6 +262,9 @@ def test_state_helpers_work_on_its_state() -> None:
     ("kwargs", "match"),
     [
         ({"init": "legs"}, "unknown init 'legs'"),
+        ({"init": "zoh"}, "^S4DCore: unknown init 'zoh'; expected one of lin, inv$"),
+        ({"input_size": 0}, "^S4DCore: input_size must be a positive int, got 0$"),
+        ({"dt_min": 0.0}, re.escape("need 0 < dt_min <= dt_max, got dt_min=0.0, dt_max=0.1")),
         ({"state_size": 7}, "state_size must be a positive even int"),
         ({"state_size": 0}, "state_size must be a positive even int"),
         ({"mode": "conv"}, "unknown mode 'conv'"),
@@ -280,3 +284,140 @@ def test_bad_mode_assignment_fails_clearly() -> None:
     core = build(0, input_size=2, hidden_size=3, state_size=4)
     with pytest.raises(ValueError, match="unknown mode 'bogus'"):
         core.mode = "bogus"
+
+
+def test_documented_defaults() -> None:
+    """N = 64 (32 complex modes), S4D-Lin, dt in [1e-3, 1e-1], post-LayerNorm, mode auto, chunks
+    of 32 steps, one block."""
+    torch.manual_seed(0)
+    core = make_core("s4d", input_size=2, hidden_size=3)
+    assert core.state_shapes == ((1, 3, 32, 2),)
+    assert (core.mode, core.chunk_size, len(core.blocks)) == ("auto", 32, 1)
+    block = core.blocks[0]
+    assert isinstance(block.norm, torch.nn.LayerNorm)
+    torch.testing.assert_close(
+        block.a_imag, (math.pi * torch.arange(32.0)).expand(3, 32), rtol=1e-6, atol=0
+    )
+    dt = torch.exp(block.log_dt)
+    assert ((dt >= 1e-3 * (1 - 1e-6)) & (dt <= 1e-1 * (1 + 1e-6))).all()
+
+
+@pytest.mark.parametrize(("dt_min", "dt_max"), [(1e-3, 1e-1), (0.02, 0.5)])
+def test_init_log_dt_is_uniform_over_its_range(dt_min: float, dt_max: float) -> None:
+    """log dt ~ U[log dt_min, log dt_max], one per feature: 400 draws stay inside the range and
+    spread over it (nearly to both ends, mean near the middle)."""
+    torch.manual_seed(1)
+    core = make_core(
+        "s4d", input_size=1, hidden_size=400, state_size=2, dt_min=dt_min, dt_max=dt_max
+    )
+    log_dt = core.blocks[0].log_dt.detach().double()
+    assert log_dt.shape == (400,)
+    frac = (log_dt - math.log(dt_min)) / (math.log(dt_max) - math.log(dt_min))
+    assert frac.min() >= -1e-6 and frac.max() <= 1 + 1e-6
+    assert frac.min() < 0.02 and frac.max() > 0.98
+    assert abs(frac.mean().item() - 0.5) < 0.05
+
+
+def test_equal_dt_min_and_dt_max_fix_dt() -> None:
+    core = make_core("s4d", input_size=1, hidden_size=5, state_size=2, dt_min=0.05, dt_max=0.05)
+    torch.testing.assert_close(
+        core.blocks[0].log_dt, torch.full((5,), math.log(0.05)), rtol=1e-6, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("init", "want"),
+    [
+        ("lin", [0.0, math.pi, 2 * math.pi]),  # pi n
+        ("inv", [30 / math.pi, 6 / math.pi, 6 / (5 * math.pi)]),  # N/pi (N/(2n+1) - 1), N = 6
+    ],
+)
+def test_init_parameters_per_feature_and_mode(init: str, want: list) -> None:
+    """N = 6, H = 4, by hand: A_n = -1/2 + i a_n for every feature, B = 1, each parameter one
+    value per (feature, mode) or per feature."""
+    core = build(0, input_size=2, hidden_size=4, state_size=6, init=init)
+    block = core.blocks[0]
+    shapes = {name: tuple(p.shape) for name, p in block.named_parameters()}
+    assert {k: v for k, v in shapes.items() if not k.startswith(("mix.", "norm."))} == {
+        "log_dt": (4,),
+        "log_neg_a_real": (4, 3),
+        "a_imag": (4, 3),
+        "b": (4, 3, 2),
+        "c": (4, 3, 2),
+        "d": (4,),
+    }
+    want_imag = torch.tensor(want, dtype=torch.float64).expand(4, 3)
+    torch.testing.assert_close(block.a_imag.detach(), want_imag, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(block.a().real.detach(), torch.full((4, 3), -0.5).double())
+    assert torch.equal(block.b[..., 0].detach(), torch.ones(4, 3, dtype=torch.float64))
+    assert torch.equal(block.b[..., 1].detach(), torch.zeros(4, 3, dtype=torch.float64))
+
+
+def test_init_c_is_standard_complex_normal_and_d_standard_normal() -> None:
+    """C ~ CN(0, 1): real and imaginary parts each of variance 1/2, E|C|^2 = 1 (2048 draws);
+    D ~ N(0, 1) (512 draws)."""
+    torch.manual_seed(3)
+    block = make_core("s4d", input_size=1, hidden_size=512, state_size=8).blocks[0]
+    c = block.c.detach().double()
+    assert c.shape == (512, 4, 2)
+    power = (c**2).sum(-1)
+    assert abs(power.mean().item() - 1) < 0.1
+    for part in (c[..., 0], c[..., 1]):
+        assert abs((part**2).mean().item() - 0.5) < 0.06
+        assert abs(part.mean().item()) < 0.05
+    d = block.d.detach().double()
+    assert abs((d**2).mean().item() - 1) < 0.15
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_layer_norm_option_normalises_each_blocks_output(layer_norm: bool) -> None:
+    """With the post-LayerNorm (fresh: scale 1, shift 0) every output step has mean 0 and
+    variance 1 over the features; without it the output is u + Linear(GELU(y)), not normalised."""
+    core = build(4, input_size=3, hidden_size=6, num_layers=2, layer_norm=layer_norm)
+    assert all(isinstance(b.norm, torch.nn.LayerNorm) == layer_norm for b in core.blocks)
+    x, state, is_first = inputs(core, 5, 2, 4, resets=0.3)
+    with torch.no_grad():
+        y, _ = core(x, state, is_first)
+    mean, var = y.mean(-1), y.var(-1, unbiased=False)
+    normalised = torch.allclose(mean, torch.zeros_like(mean), atol=1e-6) and torch.allclose(
+        var, torch.ones_like(var), atol=1e-3
+    )
+    assert normalised == layer_norm
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_empty_sequence_fails_clearly(batch: int) -> None:
+    core = build(0, input_size=2, hidden_size=3, state_size=4)
+    x = torch.zeros(0, batch, 2, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match="^S4DCore: x must have at least one time step, got T = 0$"
+    ):
+        core(x, core.initial_state(batch), torch.zeros(0, batch, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode", ["fft", "scan", "recurrent"])
+def test_unroll_creates_its_tensors_on_the_input_device(mode: str) -> None:
+    """Every tensor the three unrolls make goes on the input's device, not on the default device:
+    with 'meta' as the default device a CPU unroll gives the same numbers (a tensor made on
+    'meta' would meet CPU tensors and fail)."""
+    core = build(5, input_size=2, hidden_size=3, num_layers=2, state_size=6, chunk_size=3)
+    core.mode = mode
+    x, state, is_first = inputs(core, 8, 3, 5, resets=0.0 if mode == "fft" else 0.3)
+    want_y, (want_final,) = core(x, state, is_first)
+    with torch.device("meta"):
+        y, (final,) = core(x, state, is_first)
+    assert y.device.type == "cpu"
+    torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+    torch.testing.assert_close(final, want_final, rtol=0, atol=0)
+
+
+def test_forced_fft_with_an_inner_reset_names_the_modes_that_can() -> None:
+    core = build(1, input_size=2, hidden_size=3, state_size=4, mode="fft")
+    x, state, is_first = inputs(core, 4, 2, 1, resets=0.0)
+    is_first[2, 0] = True
+    want = (
+        "S4DCore: mode 'fft' cannot unroll a reset inside the sequence (is_first[1:] has True); "
+        "use mode 'scan', 'recurrent' or 'auto'"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        core(x, state, is_first)
