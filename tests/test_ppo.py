@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from rollouts import synthetic_rollout
 
 from memrl.cli import main
 from memrl.cores import select_state
@@ -634,39 +635,6 @@ def test_an_agent_keeps_its_policy_observations_and_masks_on_its_device():
     assert agent.mask_tensor({"action_mask": np.ones((2, 3), bool)}).device == META
 
 
-def _synthetic_rollout(action_space, masked: bool = False, **options):
-    """An agent and a buffer of 12 steps of 3 envs, windows of 4, filled as ``collect_rollout``
-    fills it from random observations, rewards and episode starts (and, with ``masked``, masks
-    allowing a random half of each head's actions, its first always), GAE computed."""
-    T, N, L = 12, 3, 4
-    torch.manual_seed(0)
-    cfg = PPOConfig(core="gru", hidden_size=8, num_envs=N, rollout_steps=T, bptt_len=L, **options)
-    agent = PPOAgent(cfg, OBS_SPACE, action_space, CPU)
-    head = agent.head
-    mask_dim = head.num_params if masked else None
-    buffer = RolloutBuffer(T, N, 3, (head.action_dim,), head.action_dtype, mask_dim, L, CPU)
-    starts = torch.rand(T + 1, N) < 0.2  # is_first, and dones one step earlier
-    starts[0] = True
-    first_of_head = np.cumsum([0, *head.sizes[:-1]]).tolist()
-    state = agent.policy.initial_state(N)
-    with torch.no_grad():
-        for t in range(T):
-            buffer.store_state(t, state)
-            obs, mask = torch.randn(N, 3), None
-            if masked:
-                mask = torch.rand(N, head.num_params) < 0.5
-                mask[:, first_of_head] = True
-                buffer.masks[t] = mask
-            params, value, state = agent.policy.step(obs, state, starts[t])
-            dist = agent.distribution(params, mask)
-            action = dist.sample()
-            buffer.obs[t], buffer.is_first[t], buffer.actions[t] = obs, starts[t], action
-            buffer.log_probs[t], buffer.values[t] = dist.log_prob(action), value
-            buffer.rewards[t], buffer.dones[t] = torch.randn(N), starts[t + 1]
-    buffer.compute_gae(torch.zeros(N), 0.99, 0.95)
-    return agent, buffer
-
-
 def _record_update(monkeypatch) -> tuple[list[dict[str, float]], list[float]]:
     """Record the statistics ``ppo_loss`` gives for every minibatch of the updates that follow,
     and the gradient norm of every optimiser step."""
@@ -697,7 +665,7 @@ def test_an_updates_first_minibatch_sees_the_distribution_the_rollout_acted_with
 ):
     """Masks and Gaussian log-stds reach the update: before any step, every ratio is 1. (One
     epoch of one minibatch: the update reports that minibatch's statistics.)"""
-    agent, buffer = _synthetic_rollout(action_space, masked, epochs=1, minibatch_steps=10_000)
+    agent, buffer = synthetic_rollout(action_space, masked, epochs=1, minibatch_steps=10_000)
     stats, norms = _record_update(monkeypatch)
     result = agent.update(buffer, torch.Generator().manual_seed(0))
     (first,) = stats
@@ -708,7 +676,7 @@ def test_an_updates_first_minibatch_sees_the_distribution_the_rollout_acted_with
 
 
 def test_update_reports_each_statistic_averaged_over_all_its_minibatches(monkeypatch):
-    agent, buffer = _synthetic_rollout(spaces.Discrete(3), epochs=2, minibatch_steps=12)
+    agent, buffer = synthetic_rollout(spaces.Discrete(3), epochs=2, minibatch_steps=12)
     stats, norms = _record_update(monkeypatch)
     result = agent.update(buffer, torch.Generator().manual_seed(0))
     assert len(stats) == len(norms) == 6  # 9 sequences of 4 steps, 3 a minibatch, 2 epochs
@@ -728,7 +696,7 @@ def _epochs_run(kls: list[float], target: float, other_rank: float = 0.0, ranks:
 
 
 def _last_kl_of_each_epoch(monkeypatch, epochs: int = 3) -> list[float]:
-    agent, buffer = _synthetic_rollout(spaces.Discrete(3), epochs=epochs, minibatch_steps=12)
+    agent, buffer = synthetic_rollout(spaces.Discrete(3), epochs=epochs, minibatch_steps=12)
     stats, _ = _record_update(monkeypatch)
     agent.update(buffer, torch.Generator().manual_seed(0))
     assert len(stats) == 3 * epochs
@@ -739,7 +707,7 @@ def test_target_kl_stops_after_the_first_epoch_whose_last_minibatch_exceeds_it(m
     kls = _last_kl_of_each_epoch(monkeypatch)
     assert kls[0] > 0
     for target in (kls[0] / 2, kls[0], 2 * max(kls)):  # at kls[0] exactly: not exceeded
-        agent, buffer = _synthetic_rollout(
+        agent, buffer = synthetic_rollout(
             spaces.Discrete(3), epochs=3, minibatch_steps=12, target_kl=target
         )
         stats, _ = _record_update(monkeypatch)
@@ -760,7 +728,7 @@ def test_every_rank_stops_on_the_kl_averaged_over_ranks(target, other_rank, monk
     target, other_rank = target * kls[0], other_rank * kls[0]
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "all_sum", lambda x: x + other_rank)
-    agent, buffer = _synthetic_rollout(
+    agent, buffer = synthetic_rollout(
         spaces.Discrete(3), epochs=3, minibatch_steps=12, target_kl=target
     )
     stats, _ = _record_update(monkeypatch)
@@ -773,7 +741,7 @@ def test_every_rank_stops_on_the_kl_averaged_over_ranks(target, other_rank, monk
 def test_an_update_is_reproduced_by_its_generator_whatever_the_global_seed():
     weights = []
     for global_seed, seed in [(1, 0), (2, 0), (1, 1)]:
-        agent, buffer = _synthetic_rollout(spaces.Discrete(3), epochs=2, minibatch_steps=12)
+        agent, buffer = synthetic_rollout(spaces.Discrete(3), epochs=2, minibatch_steps=12)
         torch.manual_seed(global_seed)
         agent.update(buffer, torch.Generator().manual_seed(seed))
         weights.append(agent.policy.state_dict())

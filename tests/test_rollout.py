@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from rollouts import synthetic_rollout
 
 from memrl.cli import main
 from memrl.cores import select_state
-from memrl.rl import PPOAgent, PPOConfig, RolloutBuffer, SequenceBatch, ppo_loss
+from memrl.rl import RolloutBuffer, SequenceBatch, ppo_loss
 from memrl.rl.buffer import _Plan
 from memrl.runs import read_metrics
 
@@ -20,28 +21,10 @@ SEQUENCE_FIELDS = ("obs", "is_first", "actions", "log_probs", "values", "advanta
 
 
 def _filled_buffer(T: int, N: int, bptt_len: int, seed: int = 0):
-    """An agent and a buffer of T steps of N envs with random observations, rewards and episode
-    starts, filled as ``collect_rollout`` fills it (the policy's actions, log-probs, values and
-    the state before every step), GAE computed."""
-    torch.manual_seed(seed)
-    cfg = PPOConfig(core="gru", hidden_size=8, num_envs=N, rollout_steps=T, bptt_len=bptt_len)
-    agent = PPOAgent(cfg, spaces.Box(-1.0, 1.0, (3,), np.float32), spaces.Discrete(3), CPU)
-    buffer = RolloutBuffer(T, N, 3, (1,), torch.long, None, bptt_len, CPU)
-    starts = torch.rand(T + 1, N) < 0.15  # (T+1, N): is_first, and dones one step earlier
-    starts[0] = True
-    state = agent.policy.initial_state(N)
-    with torch.no_grad():
-        for t in range(T):
-            buffer.store_state(t, state)
-            obs = torch.randn(N, 3)
-            params, value, state = agent.policy.step(obs, state, starts[t])
-            dist = agent.distribution(params, None)
-            action = dist.sample()
-            buffer.obs[t], buffer.is_first[t], buffer.actions[t] = obs, starts[t], action
-            buffer.log_probs[t], buffer.values[t] = dist.log_prob(action), value
-            buffer.rewards[t], buffer.dones[t] = torch.randn(N), starts[t + 1]
-    buffer.compute_gae(torch.zeros(N), 0.99, 0.95)
-    return agent, buffer
+    """A rollout of a Discrete(3) GRU agent (see ``synthetic_rollout``), starts 15% of steps."""
+    return synthetic_rollout(
+        spaces.Discrete(3), T=T, N=N, bptt_len=bptt_len, start_probability=0.15, seed=seed
+    )
 
 
 def test_windows_that_do_not_divide_the_rollout_end_shorter_and_their_padding_is_marked():
