@@ -1,166 +1,280 @@
-"""The Tamiyo recurrence spec's A/B: PPO with a feed-forward policy (--core none) vs LSTM vs
-GRU on the seed-lifecycle task (memrl/SeedLifecycle), same budget, several seeds; prints a
-markdown table.
+"""The Tamiyo recurrence spec's A/B on memrl/SeedLifecycle: PPO with a feed-forward policy
+(--core none) vs LSTM vs GRU, each on both observations (``obs_mode`` "spec": one epoch of
+view, the default; "rich": with the multi-epoch history), the same budget and seeds for all.
 
-Columns (greedy evaluation over --episodes episodes after training; mean +- std over seeds):
-final host validation accuracy, episode reward, parameters added by live seeds, cull precision
-(share of the agent's culls whose seed had a counterfactual contribution <= 0 when culled,
-pooled over seeds), fossilisations per episode, and the spec's temporal-awareness ablation:
-the episode reward when the policy's memory is reset every K steps (memrl.rl.evaluate's
-reset_every; a policy that uses its memory loses reward at small K, --core none cannot). A
-"wait (no seeds)" row is the host trained alone, for scale.
+Every cell (obs_mode, core, seed) is a ``memrl ppo`` run directory under --out-dir; finished
+cells are skipped and a killed run resumes from its last checkpoint, so the whole grid can run
+across several sittings (run the same command again). After training, each policy plays the same
+held-out episodes (--eval-seed): greedily, and with its memory reset every K steps.
 
-python benchmarks/seed_lifecycle_ab.py   # the README's table: 3 seeds x 6,000 steps (~75 min)
-python benchmarks/seed_lifecycle_ab.py --total-steps 50000   # a longer budget (~10 h on 1 thread)
-python benchmarks/seed_lifecycle_ab.py --total-steps 200 --seeds 0 --episodes 2   # smoke test
+Columns (mean ± std over seeds): the spec's four metrics -- final host validation accuracy;
+episodes (of training, over all envs) until the smoothed training return first covers 90% of
+the way from the untrained policies' return to the best final return of any policy (90% of the
+best final return itself is no target: the host gains ~0.7 of accuracy whatever the controller
+does, so every policy starts above it); cull precision (share of the agent's culls whose seed had
+a counterfactual contribution <= 0 when culled, pooled over seeds and episodes); and the episode
+reward with the memory reset every K steps (a policy that uses its memory loses reward at small
+K; --core none cannot) -- and the episode reward, parameters added to the host by live seeds,
+and the policy's own parameter count. A "wait (no seeds)" row is the host trained alone on the
+same episodes. Writes ab.json, learning_curves.png and the markdown table into --out-dir.
+
+python benchmarks/seed_lifecycle_ab.py               # 5 seeds x 6 policies x 100k steps (~20 h)
+python benchmarks/seed_lifecycle_ab.py --seeds 0 1 2 --total-steps 20000
+python benchmarks/seed_lifecycle_ab.py --report      # the table and plot of the finished cells
+python benchmarks/seed_lifecycle_ab.py --total-steps 800 --seeds 0 --episodes 2 --out-dir /tmp/ab
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from memrl.envs import make_env, make_vector_env, vector_env_seeds
-from memrl.rl.evaluate import evaluate
-from memrl.rl.ppo import PPOAgent, PPOConfig, train_ppo
-from memrl.runs import load_checkpoint
+from memrl.envs import make_vector_env, vector_env_seeds
+from memrl.rl.agent import PPOAgent
+from memrl.rl.config import PPOConfig
+from memrl.rl.evaluate import evaluate_episodes
+from memrl.rl.ppo import train_ppo
+from memrl.runs import load_checkpoint, read_metrics, write_json
+from memrl.runs.metrics import plt
 
 ENV = "memrl/SeedLifecycle"
+EPISODE_STEPS = 25
 
 
-def episode_stats(agent: PPOAgent, episodes: int, seed: int) -> list[dict[str, float]]:
-    """``info["episode"]`` of ``episodes`` greedy episodes, each with its return added."""
-    num_envs = min(episodes, 16)
-    envs = make_vector_env(ENV, num_envs, seed, "sync", autoreset_mode="same_step")
-    obs_np, info = envs.reset(seed=vector_env_seeds(seed, num_envs))
-    state = agent.policy.initial_state(num_envs, agent.device)
-    is_first = torch.ones(num_envs, dtype=torch.bool)
-    returns, finished = np.zeros(num_envs), []
-    agent.policy.eval()
-    with torch.inference_mode():
-        while len(finished) < episodes:
-            params, _, state = agent.policy.step(agent.obs_tensor(obs_np, False), state, is_first)
-            action = agent.distribution(params, agent.mask_tensor(info)).mode()
-            obs_np, reward, term, trunc, info = envs.step(agent.env_actions(action))
-            returns += reward
-            done = term | trunc
-            for i in np.flatnonzero(done):
-                stats = info["final_info"]["episode"]
-                finished.append({k: float(v[i]) for k, v in stats.items() if not k.startswith("_")})
-                finished[-1]["return"] = float(returns[i])
-            returns[done] = 0.0
-            is_first = torch.as_tensor(done)
-    envs.close()
-    return finished[:episodes]
+def run_config(args: argparse.Namespace, obs_mode: str, core: str, seed: int) -> PPOConfig:
+    """One cell's PPO run: one episode per env per rollout, whole episodes per sequence."""
+    return PPOConfig(
+        env=ENV,
+        env_kwargs=(f"obs_mode={obs_mode}", f"num_threads={args.threads}"),
+        core=core,
+        seed=seed,
+        device="cpu",
+        num_envs=args.num_envs,
+        rollout_steps=EPISODE_STEPS,
+        bptt_len=EPISODE_STEPS,
+        minibatch_steps=EPISODE_STEPS * max(args.num_envs // 2, 1),
+        total_steps=args.total_steps,
+        eval_episodes=1,  # the cell's own evaluation below plays the held-out episodes
+        output_dir=args.out_dir / f"{obs_mode}-{core}-seed{seed}",
+    )
 
 
-def wait_only_stats(episodes: int, seed: int) -> list[dict[str, float]]:
-    """The host trained alone (always WAIT)."""
-    out = []
-    for episode_seed in vector_env_seeds(seed, episodes):
-        env = make_env(ENV)
-        env.reset(seed=episode_seed)
-        total, terminated = 0.0, False
-        while not terminated:
-            _, reward, terminated, _, info = env.step(np.zeros(2, dtype=np.int64))
-            total += reward
-        out.append(info["episode"] | {"return": total})
-    return out
+def train_cell(cfg: PPOConfig) -> None:
+    """Train, or resume a killed run from its last checkpoint; a finished run is left alone."""
+    run_dir = cfg.output_dir
+    if (run_dir / "summary.json").exists():
+        return
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        train_ppo(dataclasses.replace(cfg, output_dir=None, resume=run_dir))
+        return
+    if run_dir.exists():  # killed before its first checkpoint: nothing to keep
+        shutil.rmtree(run_dir)
+    train_ppo(cfg)
 
 
-def summarise(name: str, per_seed: list[list[dict]], ablation: dict[int, list[float]]) -> dict:
-    def mean_std(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-    def per_seed_mean(key: str) -> list[float]:
-        return [statistics.mean(e[key] for e in episodes) for episodes in per_seed]
-
-    culls = sum(e["culls"] for episodes in per_seed for e in episodes)
-    harmful = sum(e["culls_harmful"] for episodes in per_seed for e in episodes)
-    return {
-        "policy": name,
-        "final host acc": mean_std(per_seed_mean("final_val_acc")),
-        "episode reward": mean_std(per_seed_mean("return")),
-        "params added": f"{statistics.mean(per_seed_mean('params_added')):,.0f}",
-        "cull precision": f"{harmful / culls:.2f} ({int(culls)} culls)" if culls else "– (0 culls)",
-        "fossilised / ep": f"{statistics.mean(per_seed_mean('fossilized')):.2f}",
-        **{f"reward, reset every {k}": mean_std(v) if v else "–" for k, v in ablation.items()},
+def evaluate_cell(args: argparse.Namespace, cfg: PPOConfig) -> dict:
+    """The trained policy on the held-out episodes: greedy, then with resets every K steps."""
+    path = cfg.output_dir / "ab_eval.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    probe = make_vector_env(ENV, 1, 0, **cfg.env_options)
+    agent = PPOAgent(
+        cfg, probe.single_observation_space, probe.single_action_space, torch.device("cpu")
+    )
+    probe.close()
+    agent.load_state_dict(load_checkpoint(cfg.output_dir / "checkpoints" / "last.pt")["agent"])
+    play = {"env_id": ENV, "episodes": args.episodes, "seed": args.eval_seed}
+    result = {
+        "episodes": evaluate_episodes(agent, env_kwargs=cfg.env_options, **play),
+        "reset_every": {
+            str(k): [
+                e["return"]
+                for e in evaluate_episodes(agent, reset_every=k, env_kwargs=cfg.env_options, **play)
+            ]
+            for k in args.reset_every
+        },
+        "policy_params": sum(p.numel() for p in agent.policy.parameters()),
+        "curve": [
+            (r["step"] // EPISODE_STEPS, r["episode_return"])
+            for r in read_metrics(cfg.output_dir / "metrics.jsonl")
+            if "episode_return" in r
+        ],
     }
+    write_json(path, result)
+    return result
+
+
+def wait_episodes(args: argparse.Namespace) -> list[dict[str, float]]:
+    """The host trained alone (always WAIT) on the held-out episodes."""
+    envs = make_vector_env(ENV, min(args.episodes, 16), args.eval_seed, autoreset_mode="same_step")
+    envs.reset(seed=vector_env_seeds(args.eval_seed, envs.num_envs))
+    returns, found = np.zeros(envs.num_envs), []
+    while len(found) < args.episodes:
+        _, reward, done, _, info = envs.step(np.zeros((envs.num_envs, 2), dtype=np.int64))
+        returns += reward
+        stats = info.get("final_info", {}).get("episode", {})
+        for i in np.flatnonzero(done):
+            found.append({"return": float(returns[i])})
+            found[-1].update({k: float(v[i]) for k, v in stats.items() if not k.startswith("_")})
+        returns[done] = 0.0
+    envs.close()
+    return found[: args.episodes]
+
+
+def smooth(values: list[float], window: int = 5) -> np.ndarray:
+    """Trailing moving average (shorter at the start)."""
+    v = np.asarray(values, dtype=float)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    starts = np.maximum(np.arange(1, len(v) + 1) - window, 0)
+    return (c[1:] - c[starts]) / (np.arange(1, len(v) + 1) - starts)
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def final_return(curve: list) -> float:
+    """Mean training return over the last tenth of the run."""
+    returns = [r for _, r in curve]
+    return float(np.mean(returns[-max(len(returns) // 10, 1) :]))
+
+
+def episodes_to(curve: list, target: float) -> float | None:
+    """Training episodes until the smoothed return first reaches ``target`` (None: never)."""
+    reached = np.flatnonzero(smooth([r for _, r in curve]) >= target)
+    return float(curve[reached[0]][0]) if len(reached) else None
+
+
+def report(args: argparse.Namespace, cells: dict[tuple[str, str], list[dict]]) -> str:
+    """The markdown table over the finished cells, and learning_curves.png."""
+    finals = {key: [final_return(c["curve"]) for c in runs] for key, runs in cells.items()}
+    best = max(statistics.mean(v) for v in finals.values())
+    # the return of the untrained policies (the first rollout of every run): the host gains
+    # about 0.7 of accuracy whatever the controller does, so 90% of the best final return
+    # itself is reached at once; the target is 90% of the way from here to the best final
+    start = statistics.mean(c["curve"][0][1] for runs in cells.values() for c in runs)
+    target = start + 0.9 * (best - start)
+    rows = []
+    for (obs_mode, core), runs in cells.items():
+        episodes = [c["episodes"] for c in runs]
+
+        def per_seed(key: str, episodes=episodes) -> list[float]:
+            return [statistics.mean(e[key] for e in eps) for eps in episodes]
+
+        culls = sum(e["culls"] for eps in episodes for e in eps)
+        harmful = sum(e["culls_harmful"] for eps in episodes for e in eps)
+        reach = [episodes_to(c["curve"], target) for c in runs]
+        reached = [r for r in reach if r is not None]
+        rows.append({
+            "obs_mode": obs_mode,
+            "policy": core,
+            "seeds": str(len(runs)),
+            "final host acc": mean_std(per_seed("final_val_acc")),
+            "episodes to 90% best": (
+                mean_std(reached, 0) + ("" if len(reached) == len(reach) else
+                                        f" ({len(reach) - len(reached)} never)")
+            ) if reached else "never",
+            "cull precision": f"{harmful / culls:.2f} ({culls:.0f})" if culls else "– (0)",
+            "episode reward": mean_std(per_seed("return")),
+            **{
+                f"reward, reset every {k}": mean_std(
+                    [statistics.mean(c["reset_every"][str(k)]) for c in runs]
+                )
+                for k in args.reset_every
+            },
+            "params added": f"{statistics.mean(per_seed('params_added')):,.0f}",
+            "policy params": f"{runs[0]['policy_params']:,}",
+        })  # fmt: skip
+    wait = wait_episodes(args)
+    rows.append({
+        "obs_mode": "–",
+        "policy": "wait (no seeds)",
+        "final host acc": mean_std([statistics.mean(e["final_val_acc"] for e in wait)]),
+        "episode reward": mean_std([statistics.mean(e["return"] for e in wait)]),
+        "params added": "0",
+    })  # fmt: skip
+    plot_curves(cells, target, args.out_dir / "learning_curves.png")
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(r.get(c, "–")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(cells: dict[tuple[str, str], list[dict]], target: float, path: Path) -> None:
+    """Training return vs episodes, one panel per obs_mode: mean over seeds, min-max band."""
+    modes = sorted({m for m, _ in cells}, key=["spec", "rich"].index)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for (obs_mode, core), runs in cells.items():
+            if obs_mode != mode:
+                continue
+            length = min(len(c["curve"]) for c in runs)
+            x = [e for e, _ in runs[0]["curve"][:length]]
+            ys = np.stack([smooth([r for _, r in c["curve"][:length]]) for c in runs])
+            (line,) = ax.plot(x, ys.mean(0), label=f"{core} ({len(runs)} seeds)")
+            ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.axhline(target, color="gray", ls="--", lw=1, label="90% of the way to the best final")
+        ax.set_title(f'obs_mode="{mode}"')
+        ax.set_xlabel("training episodes")
+        ax.set_ylabel("episode return (smoothed)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cores", nargs="+", default=["none", "lstm", "gru"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--total-steps", type=int, default=6_000)
-    parser.add_argument("--num-envs", type=int, default=8)
-    parser.add_argument("--vector", choices=["sync", "async"], default="sync")
-    parser.add_argument("--episodes", type=int, default=16, help="evaluation episodes")
+    parser.add_argument(
+        "--obs-modes", nargs="+", choices=["spec", "rich"], default=["spec", "rich"]
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--total-steps", type=int, default=100_000)
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--episodes", type=int, default=32, help="held-out evaluation episodes")
+    parser.add_argument("--eval-seed", type=int, default=10_000)
     parser.add_argument("--reset-every", type=int, nargs="*", default=[1, 5])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks_seed_lifecycle_ab.json"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (policy and hosts)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/seed_lifecycle_ab"))
+    parser.add_argument("--report", action="store_true", help="only report the finished cells")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows, raw = [], {}
-    eval_seed = 10_000
-    with tempfile.TemporaryDirectory() as tmp:
-        for core in args.cores:
-            per_seed, ablation, walls = [], {k: [] for k in args.reset_every}, []
-            for seed in args.seeds:
-                cfg = PPOConfig(
-                    env=ENV,
-                    core=core,
-                    seed=seed,
-                    device="cpu",
-                    num_envs=args.num_envs,
-                    vector=args.vector,
-                    rollout_steps=25,  # one episode per env per rollout
-                    bptt_len=25,  # whole episodes
-                    minibatch_steps=25 * max(args.num_envs // 2, 1),
-                    total_steps=args.total_steps,
-                    eval_episodes=args.episodes,
-                    output_dir=Path(tmp) / f"{core}-{seed}",
-                )
-                start = time.perf_counter()
-                train_ppo(cfg)
-                walls.append(time.perf_counter() - start)
-                probe = make_env(ENV)
-                agent = PPOAgent(
-                    cfg, probe.observation_space, probe.action_space, torch.device("cpu")
-                )
-                probe.close()
-                agent.load_state_dict(
-                    load_checkpoint(cfg.output_dir / "checkpoints" / "last.pt")["agent"]
-                )
-                per_seed.append(episode_stats(agent, args.episodes, eval_seed))
-                for k in args.reset_every:
-                    ablation[k].append(evaluate(agent, ENV, args.episodes, eval_seed, k))
-            rows.append(
-                summarise(core, per_seed, ablation)
-                | {"train wall s": f"{statistics.mean(walls):.0f}"}
-            )
-            raw[core] = {"episodes": per_seed, "reset_every": ablation, "wall_seconds": walls}
-    baseline = [wait_only_stats(args.episodes, eval_seed)]
-    rows.append(summarise("wait (no seeds)", baseline, {k: [] for k in args.reset_every}))
-    raw["wait"] = {"episodes": baseline}
-    args.out.write_text(json.dumps(raw, indent=2) + "\n")
-    print(
-        f"\n{ENV}: {args.total_steps:,} env steps per run ({args.total_steps // 25:,} episodes), "
-        f"seeds {args.seeds}, greedy evaluation over {args.episodes} episodes\n"
+    grid = [(m, c, s) for s in args.seeds for m in args.obs_modes for c in args.cores]
+    cells: dict[tuple[str, str], list[dict]] = {
+        (m, c): [] for m in args.obs_modes for c in args.cores
+    }
+    for obs_mode, core, seed in grid:  # seed by seed: every policy gets a result early
+        cfg = run_config(args, obs_mode, core, seed)
+        if not args.report:
+            train_cell(cfg)
+        if (cfg.output_dir / "summary.json").exists():
+            cells[(obs_mode, core)].append(evaluate_cell(args, cfg))
+    cells = {key: runs for key, runs in cells.items() if runs}
+    if not cells:
+        raise SystemExit(f"no finished cells in {args.out_dir}")
+    table = report(args, cells)
+    done = sum(len(r) for r in cells.values())
+    header = (
+        f"{ENV}: {args.total_steps:,} env steps per run ({args.total_steps // EPISODE_STEPS:,} "
+        f"episodes), {done}/{len(grid)} cells finished, greedy evaluation over {args.episodes} "
+        f"held-out episodes (seed {args.eval_seed})"
     )
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "|".join("---" for _ in columns) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(row.get(c, "–")) for c in columns) + " |")
+    (args.out_dir / "ab.md").write_text(f"{header}\n\n{table}\n")
+    write_json(args.out_dir / "ab.json", {f"{m}/{c}": runs for (m, c), runs in cells.items()})
+    print(f"\n{header}\n\n{table}")
 
 
 if __name__ == "__main__":

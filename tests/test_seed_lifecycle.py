@@ -1,5 +1,6 @@
 """The Tamiyo recurrence spec's seed-lifecycle environment: stages, masks, grafting, reward
-terms and what they rank, observation modes, PPO on it."""
+terms and what they rank, observation modes, the batched vector env (each env exactly the single
+env), PPO on it."""
 
 from __future__ import annotations
 
@@ -13,23 +14,28 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
-from torch.nn import functional as F
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from memrl.cli import main
-from memrl.envs import make_env, make_vector_env
+from memrl.envs import make_env, make_vector_env, vector_env_seeds
+from memrl.envs.lifecycle_host import _adam
+from memrl.envs.lifecycle_layers import LiveSeed, SlotSeeds, module_tensors, run_slot
 from memrl.envs.seed_lifecycle import (
     BLUEPRINTS,
     HISTORY_FEATURES,
     Op,
     SeedLifecycleEnv,
+    SeedLifecycleVectorEnv,
     Stage,
     feature_names,
     observation_features,
 )
 from memrl.rl.distributions import action_head, make_distribution
+from memrl.rl.evaluate import evaluate, evaluate_episodes
 from memrl.rl.ppo import PPOAgent, PPOConfig
 from memrl.runs import load_config
 
+CPU = torch.device("cpu")
 SMALL = {"max_train": 256}  # one batch an epoch: the lifecycle logic, fast
 WAIT, HEAVY = [Op.WAIT, 0], list(BLUEPRINTS).index("conv_heavy")
 
@@ -66,23 +72,27 @@ def cull_everything(obs, info, rng):
 SCRIPTED = {f.__name__: f for f in (cycle, commit, wait, random_masked, cull_everything)}
 
 
-def play_scripted(policy, seed: int, **env_options) -> tuple[float, float]:
-    """(episode reward, final validation accuracy) of one episode from reset seed ``seed``."""
-    env = SeedLifecycleEnv(**env_options)
-    obs, info = env.reset(seed=seed)
-    rng, total, terminated = np.random.default_rng(seed), 0.0, False
-    while not terminated:
-        obs, reward, terminated, _, info = env.step(policy(obs, info, rng))
-        total += reward
-    return total, info["episode"]["final_val_acc"]
+def play_scripted(policy, seeds, **env_options) -> np.ndarray:
+    """(episode reward, final validation accuracy) of one episode from each reset seed, (len(
+    seeds), 2): the episodes played side by side in the batched vector env (each exactly as a
+    single env would play it), the policy given each env's observation, info and generator."""
+    envs = SeedLifecycleVectorEnv(len(seeds), autoreset_mode=AutoresetMode.DISABLED, **env_options)
+    obs, infos = envs.reset(seed=list(seeds))
+    rngs = [np.random.default_rng(seed) for seed in seeds]
+    totals, terminated = np.zeros(len(seeds)), np.zeros(len(seeds), dtype=bool)
+    while not terminated.all():
+        actions = [policy(obs[i], _env_info(infos, i), rng) for i, rng in enumerate(rngs)]
+        obs, rewards, terminated, _, infos = envs.step(np.array(actions))
+        totals += rewards
+    return np.stack([totals, infos["episode"]["final_val_acc"]], 1)
 
 
 def _ops_allowed(info) -> set[Op]:
     return {op for op in Op if info["action_mask"][op]}
 
 
-def _total_params(env: SeedLifecycleEnv) -> int:
-    return sum(p.numel() for p in env.host.parameters())
+def _alpha(env: SeedLifecycleEnv) -> float:
+    return env.active.alpha if env.active is not None else 0.0
 
 
 def test_lifecycle_stages_alpha_and_masks():
@@ -92,10 +102,10 @@ def test_lifecycle_stages_alpha_and_masks():
     assert _ops_allowed(info) == {Op.WAIT, Op.GERMINATE}
     seen = []
     _, _, _, _, info = env.step([Op.GERMINATE, HEAVY])
-    seen.append((info["seed_stage"], env.host.slots[0].alpha, _ops_allowed(info)))
+    seen.append((info["seed_stage"], _alpha(env), _ops_allowed(info)))
     for _ in range(7):
         _, _, _, _, info = env.step(WAIT)
-        seen.append((info["seed_stage"], env.host.slots[0].alpha, _ops_allowed(info)))
+        seen.append((info["seed_stage"], _alpha(env), _ops_allowed(info)))
     w, c, f = Op.WAIT, Op.CULL, Op.FOSSILIZE
     assert seen == [
         (Stage.GERMINATED, 0.0, {w}),  # built, not yet cullable, nothing else to start
@@ -112,6 +122,7 @@ def test_lifecycle_stages_alpha_and_masks():
     assert _ops_allowed(info) == {Op.WAIT, Op.GERMINATE}  # slots 1 and 2 are still free
     _, _, _, _, info = env.step([Op.GERMINATE, 0])
     assert env.active.slot == 1  # the first free slot; slot 0 keeps its fossil
+    assert [s.slot for s in env.fossils] == [0] and env.fossils[0].alpha == 1.0
 
 
 def test_probation_times_out_into_a_cull_and_masked_actions_act_as_wait():
@@ -134,70 +145,82 @@ def test_a_training_seed_leaves_the_host_outputs_and_gradients_unchanged():
     alone.reset(seed=3)
     with_seed.step([Op.GERMINATE, HEAVY])
     alone.step(WAIT)
-    seed = with_seed.active.module
-    start = [p.detach().clone() for p in seed.parameters()]
+    seed = with_seed.hosts.seed_tensors(0, 0, "conv_heavy")
+    start = [t.clone() for t in seed]
     for _ in range(3):  # TRAINING epochs: the seed learns, the host must not notice
         with_seed.step(WAIT)
         alone.step(WAIT)
     assert with_seed.active.stage == Stage.TRAINING
-    assert any(not torch.equal(a, p) for a, p in zip(start, seed.parameters(), strict=True))
-    for a, b in zip(with_seed.host.host_parameters(), alone.host.host_parameters(), strict=True):
+    assert any(not torch.equal(a, p) for a, p in zip(start, seed, strict=True))
+    # the same weights bit for bit after every minibatch's gradient step, so the same outputs
+    # and gradients throughout: nothing of the seed's local target reached the host
+    for a, b in zip(with_seed.hosts.host_tensors(0), alone.hosts.host_tensors(0), strict=True):
         assert torch.equal(a, b)
-    x, y = with_seed.data[0][:64], with_seed.data[1][:64]
-    grads = []
-    for env in (with_seed, alone):
-        env.host.zero_grad()
-        logits = env.host(x)
-        F.cross_entropy(logits, y).backward()
-        grads.append((logits.detach(), [p.grad.clone() for p in env.host.host_parameters()]))
-    assert torch.equal(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1], grads[1][1], strict=True):
-        assert torch.equal(a, b)
-    assert all(p.grad is None for p in seed.parameters())  # the host loss never reached it
+    assert with_seed.lifecycle.metrics == alone.lifecycle.metrics
     # ...while the same seed at alpha = 1 changes the output (it is not a no-op)
-    with_seed.host.slots[0].alpha = 1.0
-    assert not torch.allclose(with_seed.host(x), grads[0][0])
+    hosts, heavy = with_seed.hosts, LiveSeed(0, "conv_heavy", 1.0)
+    assert hosts.evaluate([0], [[heavy]])[0] != hosts.evaluate([0], [[]])[0]
 
 
-def test_blending_output_is_the_lerp_of_host_and_seed():
-    env = SeedLifecycleEnv(**SMALL)
-    env.reset(seed=0)
-    env.step([Op.GERMINATE, HEAVY])
-    for _ in range(5):
-        env.step(WAIT)
-    slot = env.host.slots[0]
-    assert env.active.stage == Stage.BLENDING and slot.alpha == pytest.approx(2 / 3)
-    torch.nn.init.normal_(slot.seed.branch[-1].weight)  # make seed(h) clearly differ from h
-    h = torch.randn(4, slot.channels, 8, 8)
+@pytest.mark.parametrize("blueprint", list(BLUEPRINTS))
+@pytest.mark.parametrize(("channels", "size"), [(8, 8), (16, 4)])
+def test_batched_seeds_compute_what_their_modules_do(blueprint, channels, size):
+    """A slot of 3 hosts, two of them with a seed at their own alpha: each host's output is the
+    single-seed reference ``lerp(h, module(h), alpha)`` (BatchNorm in training mode)."""
+    torch.manual_seed(0)
+    modules = [BLUEPRINTS[blueprint](channels) for _ in range(2)]
+    for module in modules:  # seed(h) clearly apart from h: no zero-initialised last layer
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    params, buffers = zip(*(module_tensors([m]) for m in modules), strict=True)
+    stack = [torch.stack(ts).detach() for ts in zip(*params, strict=True)]
+    stats = [torch.stack(ts).clone() for ts in zip(*buffers, strict=True)]
+    alphas = [2 / 3, 1.0]
+    h = torch.randn(5, size, size, 3, channels)  # (B, H, W, G, C); host 1 has no seed
+    seeds = SlotSeeds(blueprint, torch.tensor([0, 2]), stack, stats, torch.tensor([alphas]).T)
     with torch.no_grad():
-        expected = (1 - slot.alpha) * h + slot.alpha * slot.seed(h)
-        torch.testing.assert_close(slot(h), expected)
-        assert not torch.allclose(slot(h), h) and not torch.allclose(slot(h), slot.seed(h))
+        out = run_slot(h, [seeds], training=True)
+        torch.testing.assert_close(out[:, :, :, 1], h[:, :, :, 1], rtol=0, atol=0)
+        for module, column, alpha in zip(modules, (0, 2), alphas, strict=True):
+            x = h[:, :, :, column].permute(0, 3, 1, 2)  # (B, C, H, W)
+            expected = torch.lerp(x, module.train()(x), alpha).permute(0, 2, 3, 1)
+            torch.testing.assert_close(out[:, :, :, column], expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(out[:, :, :, column], h[:, :, :, column])
+    for k, module in enumerate(modules):  # BatchNorm's running statistics moved alike
+        for mine, theirs in zip([t[k] for t in stats], module_tensors([module])[1], strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_fossilised_seeds_persist_and_culled_seeds_disappear():
     env = SeedLifecycleEnv(**SMALL)
     env.reset(seed=0)
-    host = _total_params(env)
+    host = sum(t.numel() for t in env.hosts.host_tensors(0))
     assert host == env.host_params
+    sizes = {b: sum(p.numel() for p in BLUEPRINTS[b](c).parameters()) for b, c in (
+        ("conv_heavy", 8), ("attention", 16))}  # fmt: skip
     env.step([Op.GERMINATE, HEAVY])
     heavy = env.active.num_params
-    assert heavy > 0 and _total_params(env) == host + heavy
+    assert heavy == sizes["conv_heavy"] == env.params_added()
+    assert heavy == sum(t.numel() for t in env.hosts.seed_tensors(0, 0, "conv_heavy"))
     for _ in range(7):
         env.step(WAIT)
     env.step([Op.FOSSILIZE, 0])
+    fossil = [t.clone() for t in env.hosts.seed_tensors(0, 0, "conv_heavy")]
     env.step([Op.GERMINATE, list(BLUEPRINTS).index("attention")])
     attention = env.active.num_params
-    assert _total_params(env) == host + heavy + attention
+    assert attention == sizes["attention"] and env.params_added() == heavy + attention
     env.step(WAIT)
     env.step([Op.CULL, 0])
-    assert env.host.slots[1].seed is None and env.active is None
-    assert _total_params(env) == host + heavy == host + env.params_added()
+    assert env.active is None and env.lifecycle.free_slot() == 1  # culled: slot 1 free again
+    assert env.params_added() == heavy
     for _ in range(env.max_epochs - env.epoch - 1):
         env.step(WAIT)
     _, _, terminated, _, info = env.step(WAIT)
-    assert terminated and env.host.slots[0].seed is env.fossils[0].module
-    assert info["episode"]["params_added"] == heavy and _total_params(env) == host + heavy
+    assert terminated and [(s.slot, s.stage) for s in env.fossils] == [(0, Stage.FOSSILIZED)]
+    assert info["episode"]["params_added"] == heavy
+    # the fossil kept training with its host (alpha 1): its weights moved
+    now = env.hosts.seed_tensors(0, 0, "conv_heavy")
+    assert any(not torch.equal(a, b) for a, b in zip(fossil, now, strict=True))
     assert info["episode"]["fossilized"] == 1 and info["episode"]["culls"] == 1
 
 
@@ -229,21 +252,18 @@ def test_reward_terms_add_up_as_documented():
     assert math.isfinite(episode_return)
 
 
-ORDER_SEEDS = range(6)
+ORDER_SEEDS = tuple(range(6))
 
 
 def test_the_reward_ranks_scripted_controllers_as_their_final_accuracy_does():
     """Each controller plays the default task from reset seeds 0-5: the same host
     initialisation and batches for all, so accuracy gaps are paired. Measured (reward; final
-    accuracy; mean +- sd over the 6): commit 0.799 +- 0.015, 0.935 +- 0.011; cycle
-    0.775 +- 0.034, 0.900 +- 0.030; random 0.662 +- 0.071, 0.833 +- 0.062; wait
-    0.719 +- 0.077, 0.824 +- 0.072; cull_everything 0.629 +- 0.077, wait's accuracy. The
-    clear pairs are 3.5-4.3 standard errors apart, random vs wait 0.9 (not asserted).
+    accuracy; mean +- sd over the 6): commit 0.799 +- 0.021, 0.935 +- 0.017; cycle
+    0.775 +- 0.032, 0.900 +- 0.028; random 0.663 +- 0.072, 0.834 +- 0.063; wait
+    0.720 +- 0.078, 0.824 +- 0.073; cull_everything 0.629 +- 0.078, wait's accuracy. The
+    clear pairs are 3.5-4.5 standard errors apart, random vs wait 0.9 (not asserted).
     The earlier reward paid cycle 2.93 and commit 1.16."""
-    played = {
-        name: np.array([play_scripted(policy, seed) for seed in ORDER_SEEDS])
-        for name, policy in SCRIPTED.items()
-    }
+    played = {name: play_scripted(policy, ORDER_SEEDS) for name, policy in SCRIPTED.items()}
     reward = {name: results[:, 0] for name, results in played.items()}
     accuracy = {name: results[:, 1] for name, results in played.items()}
     clear = set()
@@ -341,7 +361,7 @@ def test_obs_modes_spec_has_one_epoch_of_view_and_rich_keeps_the_history():
         assert now[at["best_val_acc"]] == max(before[at["best_val_acc"]], now[at["val_acc"]])
     assert observations[-1][1][at["culls_fraction"]] == 1 / 25
     # spec is a function of the current and the previous epoch: another history, same view
-    report = rich._report()
+    report = rich.lifecycle.report()
     other = dataclasses.replace(
         report,
         val_acc_history=(0.1, 0.2, 0.3),
@@ -437,3 +457,249 @@ def test_a_bad_env_kwarg_exits_2_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--env-kwargs", "obs_mode", "--output-dir", str(tmp_path / "run")])
     assert exit_.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the vector env
+def _env_info(infos: dict, i: int) -> dict:
+    """Env i's info out of a vector env's batched ``info``."""
+    return {
+        key: _env_info(value, i) if isinstance(value, dict) else value[i]
+        for key, value in infos.items()
+        if not key.startswith("_") and infos[f"_{key}"][i]
+    }
+
+
+def _assert_same_info(mine: dict, single: dict) -> None:
+    assert set(mine) == set(single)
+    for key, value in single.items():
+        if isinstance(value, dict):
+            _assert_same_info(mine[key], value)
+        else:
+            np.testing.assert_array_equal(mine[key], value, err_msg=key)
+
+
+def _coverage_policy(i: int):
+    """Env i's controller: 0 never decides (probation times out), 1 fossilises as soon as it
+    can, 2 culls as soon as it can, the others play at random, sometimes a masked action."""
+
+    def act(info, rng):
+        mask, blueprint = info["action_mask"], int(rng.integers(len(info["action_mask"]) - 4))
+        wanted = {1: Op.FOSSILIZE, 2: Op.CULL}.get(i)
+        if wanted is not None and mask[wanted]:
+            return [wanted, blueprint]
+        if i < 3:
+            return [Op.GERMINATE if mask[Op.GERMINATE] else Op.WAIT, blueprint]
+        if rng.random() < 0.1:
+            return [int(rng.integers(4)), blueprint]
+        return [int(rng.choice(np.flatnonzero(mask[:4]))), blueprint]
+
+    return act
+
+
+@pytest.mark.parametrize("hosts_per_pass", [None, 2])
+def test_each_env_of_the_batched_vector_env_plays_exactly_as_the_single_env(hosts_per_pass):
+    """Five envs, one episode and the first steps of the next (same-step autoreset), against
+    five single envs reset with the same seeds and given the same actions: observations,
+    rewards and their terms, masks, stages, contributions and episode statistics equal bit for
+    bit. Batching changes no number: a host computes the same kernels in the same order alone
+    or beside others (see ``lifecycle_host._with_twin``). With hosts_per_pass=2 the hosts run
+    in passes of 2, 1 and 2: a lone host too."""
+    options = {"max_train": 300, "obs_mode": "rich"}  # two minibatches (256, 44) an epoch
+    n, seeds = 5, [11, 12, 13, 14, 15]
+    envs = SeedLifecycleVectorEnv(n, autoreset_mode=AutoresetMode.SAME_STEP, **options)
+    if hosts_per_pass is not None:
+        envs.batch.hosts.hosts_per_pass = hosts_per_pass
+    singles = [SeedLifecycleEnv(**options) for _ in range(n)]
+    obs, infos = envs.reset(seed=seeds)
+    results = [env.reset(seed=s) for env, s in zip(singles, seeds, strict=True)]
+    for i, (single_obs, single_info) in enumerate(results):
+        np.testing.assert_array_equal(obs[i], single_obs)
+        _assert_same_info(_env_info(infos, i), single_info)
+    policies, rng = [_coverage_policy(i) for i in range(n)], np.random.default_rng(0)
+    germinated, episodes = set(), []
+    for _ in range(singles[0].max_epochs + 3):
+        actions = [policy(info, rng) for policy, (_, info) in zip(policies, results, strict=True)]
+        obs, rewards, terminated, truncated, infos = envs.step(np.array(actions))
+        assert not truncated.any()
+        for i, (env, action) in enumerate(zip(singles, actions, strict=True)):
+            single_obs, reward, done, _, single_info = env.step(action)
+            assert rewards[i] == reward and terminated[i] == done
+            if done:  # the vector env went on to the next episode: compare the final step
+                np.testing.assert_array_equal(infos["final_obs"][i], single_obs)
+                _assert_same_info(_env_info(infos["final_info"], i), single_info)
+                episodes.append(single_info["episode"])
+                single_obs, single_info = env.reset()
+            np.testing.assert_array_equal(obs[i], single_obs)
+            mine = _env_info(infos, i)
+            for key in ("final_obs", "final_info"):  # compared above
+                mine.pop(key, None)
+            _assert_same_info(mine, single_info)
+            results[i] = (single_obs, single_info)
+            if action[0] == Op.GERMINATE and not single_info.get("invalid_action", True):
+                germinated.add(env.blueprints[action[1]])
+    assert len(episodes) == n
+    stats = {k: sum(e[k] for e in episodes) for k in ("fossilized", "culls", "timeouts")}
+    assert min(stats.values()) > 0 and len(germinated) >= 3, (stats, germinated)
+
+
+def test_a_subset_reset_restarts_those_envs_alone():
+    """Autoreset disabled: envs 1 and 3 are reset mid-episode (``reset_mask``) with new seeds
+    and play as fresh single envs; envs 0 and 2 go on as if nothing happened."""
+    envs = SeedLifecycleVectorEnv(4, autoreset_mode=AutoresetMode.DISABLED, **SMALL)
+    singles = [SeedLifecycleEnv(**SMALL) for _ in range(4)]
+    envs.reset(seed=[0, 1, 2, 3])
+    for i, env in enumerate(singles):
+        env.reset(seed=i)
+    script = [[Op.GERMINATE, HEAVY], WAIT, WAIT, [Op.GERMINATE, 4], WAIT, WAIT]
+    for t, action in enumerate(script):
+        if t == 3:
+            mask = np.array([False, True, False, True])
+            obs, infos = envs.reset(seed=[None, 21, None, 23], options={"reset_mask": mask})
+            for i in (1, 3):
+                single_obs, _ = singles[i].reset(seed=20 + i)
+                np.testing.assert_array_equal(obs[i], single_obs)
+            assert infos["_action_mask"].tolist() == mask.tolist()
+        obs, rewards, _, _, infos = envs.step(np.array([action] * 4))
+        for i, env in enumerate(singles):
+            single_obs, reward, _, _, single_info = env.step(action)
+            np.testing.assert_array_equal(obs[i], single_obs)
+            assert rewards[i] == reward and infos["seed_stage"][i] == single_info["seed_stage"]
+    assert [int(s) for s in infos["seed_stage"]] == [Stage.BLENDING, 2, 3, 2]  # 2: TRAINING
+    assert [s.epoch for s in singles] == [6, 3, 6, 3]
+
+
+def test_next_step_autoreset_and_make_vector_env_routing():
+    envs = make_vector_env("memrl/SeedLifecycle", 2, seed=5, max_epochs=2, **SMALL)
+    assert isinstance(envs, SeedLifecycleVectorEnv)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    first, _ = envs.reset()
+    again, _ = make_vector_env("memrl/SeedLifecycle", 2, max_epochs=2, **SMALL).reset(
+        seed=vector_env_seeds(5, 2)
+    )
+    np.testing.assert_array_equal(first, again)  # seed=5 is vector_env_seeds(5, 2) at reset
+    actions = np.zeros((2, 2), dtype=np.int64)
+    envs.step(actions)
+    _, _, terminated, _, infos = envs.step(actions)
+    assert terminated.all() and infos["episode"]["germinated"].tolist() == [0, 0]
+    obs, rewards, terminated, _, infos = envs.step(actions)  # NEXT_STEP: this call only resets
+    assert rewards.tolist() == [0.0, 0.0] and not terminated.any()
+    assert infos["epoch"].tolist() == [0, 0] and obs[:, 0].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="actions="):
+        envs.step(np.array([[7, 0], [0, 0]]))
+    per_env = make_vector_env(
+        "memrl/SeedLifecycle", 2, seed=5, batched=False, max_epochs=2, **SMALL
+    )
+    assert isinstance(per_env, SyncVectorEnv)
+    np.testing.assert_array_equal(per_env.reset()[0], first)
+    with pytest.raises(ValueError, match="batched=False"):
+        make_vector_env("memrl/SeedLifecycle", 2, previous_action_reward=True, **SMALL)
+
+
+def test_adam_with_a_step_count_per_row_is_torch_adam_per_row():
+    torch.manual_seed(0)
+    rows = [torch.randn(6, 5) for _ in range(3)]
+    steps = np.array([0, 3, 7])  # rows germinated at different times
+    stacked = torch.stack(rows)
+    moments = [torch.zeros_like(stacked), torch.zeros_like(stacked)]
+    singles = [row.clone().requires_grad_() for row in rows]
+    optimizers = [torch.optim.Adam([p], lr=1e-2) for p in singles]
+    for i, (p, opt) in enumerate(zip(singles, optimizers, strict=True)):  # catch up to steps
+        for _ in range(steps[i]):
+            p.grad = torch.randn(6, 5)
+            opt.step()
+        stacked[i] = p.detach()
+        state = opt.state[p] if steps[i] else {}
+        moments[0][i] = state.get("exp_avg", torch.zeros(6, 5))
+        moments[1][i] = state.get("exp_avg_sq", torch.zeros(6, 5))
+    for uniform in (False, True):
+        grads = torch.randn(3, 6, 5)
+        _adam([stacked], [grads], [moments[0]], [moments[1]], steps, 1e-2)
+        for i, (p, opt) in enumerate(zip(singles, optimizers, strict=True)):
+            p.grad = grads[i].clone()
+            opt.step()
+            assert torch.equal(stacked[i], p.detach()), (uniform, i)
+        if not uniform:  # next round: all rows at one step count (Adam's scalar path)
+            steps[:] = steps.max()
+            for i, (p, opt) in enumerate(zip(singles, optimizers, strict=True)):
+                opt.state[p]["step"].fill_(float(steps[i]))
+
+
+def test_memrl_ppo_trains_on_the_batched_vector_env(tmp_path, monkeypatch):
+    built = []
+    real = SeedLifecycleVectorEnv.__init__
+
+    def recording(self, *args, **kwargs):
+        built.append(args[0])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SeedLifecycleVectorEnv, "__init__", recording)
+    out = tmp_path / "run"
+    args = ["ppo", "--env", "memrl/SeedLifecycle", "--num-envs", "4", "--rollout-steps", "5"]
+    args += ["--env-kwargs", "max_train=256", "max_epochs=5", "--total-steps", "40"]
+    args += ["--eval-episodes", "2", "--hidden-size", "8", "--device", "cpu"]
+    assert main([*args, "--output-dir", str(out)]) == 0
+    assert built[0] == 4  # training: 4 envs as one batched computation
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total_steps"] == 40 and math.isfinite(summary["final_eval_return"])
+
+
+def test_cifar10_from_disk_works_single_and_batched(tmp_path, monkeypatch):
+    """A stand-in for CIFAR-10's python version on disk (torchvision's checksums patched out):
+    the single env and the batched vector env load it and play it alike."""
+    import pickle
+
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, 20).tolist()}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    options = {"dataset": "cifar10", "data_dir": str(tmp_path), "max_train": 40, "max_epochs": 4}
+    envs = SeedLifecycleVectorEnv(2, **options)
+    singles = [SeedLifecycleEnv(**options) for _ in range(2)]
+    obs, _ = envs.reset(seed=[0, 1])
+    assert singles[0].data[0].shape == (40, 3, 32, 32) and singles[0].data[2].shape[0] == 8
+    for i, env in enumerate(singles):
+        np.testing.assert_array_equal(obs[i], env.reset(seed=i)[0])
+    for action in ([Op.GERMINATE, 4], WAIT, WAIT, WAIT):  # attention on 16x16 maps, TRAINING
+        obs, rewards, *_ = envs.step(np.array([action, action]))
+        for i, env in enumerate(singles):
+            single_obs, reward, *_ = env.step(action)
+            np.testing.assert_array_equal(obs[i], single_obs)
+            assert rewards[i] == reward
+
+
+def test_evaluate_episodes_reports_each_episode_as_the_env_plays_it():
+    """``evaluate_episodes``: per episode its return and the env's ``info["episode"]``, equal to
+    the greedy policy played by hand on single envs reset with the episodes' seeds; ``evaluate``
+    is the mean of those returns."""
+    kwargs, n = {"max_epochs": 3}, 3  # the whole training set: the hosts learn apart
+    cfg = PPOConfig(env="memrl/SeedLifecycle", core="none", hidden_size=8)
+    envs = make_vector_env("memrl/SeedLifecycle", 1, 0, batched=False, **kwargs)
+    torch.manual_seed(0)
+    agent = PPOAgent(cfg, envs.single_observation_space, envs.single_action_space, CPU)
+    found = evaluate_episodes(agent, "memrl/SeedLifecycle", n, 7, env_kwargs=kwargs)
+    assert len(found) == n
+    for episode_seed, mine in zip(vector_env_seeds(7, n), found, strict=True):
+        obs, info = envs.reset(seed=[episode_seed])
+        total, done = 0.0, False
+        with torch.inference_mode():
+            while not done:
+                params, _, _ = agent.policy.step(
+                    agent.obs_tensor(obs, False),
+                    agent.policy.initial_state(1),
+                    torch.ones(1, dtype=torch.bool),
+                )
+                action = agent.distribution(params, agent.mask_tensor(info)).mode()
+                obs, reward, term, _, info = envs.step(agent.env_actions(action))
+                total, done = total + float(reward[0]), bool(term[0])
+        expected = {k: float(v[0]) for k, v in info["episode"].items() if k[0] != "_"}
+        assert mine == {"return": pytest.approx(total, abs=1e-12), **expected}
+    assert evaluate(agent, "memrl/SeedLifecycle", n, 7, env_kwargs=kwargs) == pytest.approx(
+        np.mean([e["return"] for e in found])
+    )

@@ -15,14 +15,22 @@ from memrl.envs.moving_dot import (
     generate_moving_dot_sequences,
 )
 from memrl.envs.popgym import POPGYM_ENVS, FlatObservation, is_popgym_env, make_popgym_env
-from memrl.envs.registry import ID_FORMS, make_env, make_vector_env, vector_env_seeds
+from memrl.envs.registry import (
+    BATCHED_VECTOR_ENVS,
+    ID_FORMS,
+    make_env,
+    make_vector_env,
+    vector_env_seeds,
+)
 
 # the Tamiyo recurrence spec's task; gymnasium builds it lazily, passing make's keyword arguments
-# (e.g. obs_mode="rich") to SeedLifecycleEnv
+# (e.g. obs_mode="rich") to SeedLifecycleEnv; make_vector_env builds its batched vector env
+# (registry.BATCHED_VECTOR_ENVS)
 if "memrl/SeedLifecycle" not in gym.registry:
     gym.register("memrl/SeedLifecycle", "memrl.envs.seed_lifecycle:SeedLifecycleEnv")
 
 __all__ = [
+    "BATCHED_VECTOR_ENVS",
     "ID_FORMS",
     "POPGYM_ENVS",
     "FlatObservation",

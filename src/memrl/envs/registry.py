@@ -31,6 +31,11 @@ Pass ``autoreset_mode="same_step"`` to get gymnasium's SAME_STEP mode instead: a
 then returns the next episode's first observation at once (is_first on the next row, nothing
 to skip) and the final observation and info in ``info["final_obs"]`` / ``info["final_info"]``
 (with ``info["_final_obs"]`` flagging which envs), needed to bootstrap a truncation.
+
+Batched vector envs. An id in ``BATCHED_VECTOR_ENVS`` has a vector env of its own that steps
+all N envs as one computation in this process, each env playing exactly as its single env
+would, and behaving as a ``SyncVectorEnv`` of them (autoreset modes, ``info`` layout);
+``make_vector_env`` uses it for ``vector="sync"`` unless ``batched=False``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, Vecto
 from memrl.envs.popgym import POPGYM_ENVS, FlatObservation, is_popgym_env, make_popgym_env
 
 ID_FORMS = "'popgym/<Name>', a registered gymnasium id (e.g. 'CartPole-v1'), or 'module:Class'"
+BATCHED_VECTOR_ENVS = {
+    "memrl/SeedLifecycle": "memrl.envs.lifecycle_batch:SeedLifecycleVectorEnv",
+}
+"""Env id -> its batched vector env class ("module:Class", imported when used)."""
 _AUTORESET_MODES = {"next_step": AutoresetMode.NEXT_STEP, "same_step": AutoresetMode.SAME_STEP}
 
 
@@ -82,14 +91,17 @@ def make_vector_env(
     *,
     autoreset_mode: Literal["next_step", "same_step"] = "next_step",
     previous_action_reward: bool | None = None,
+    batched: bool = True,
     **kwargs: Any,
 ) -> VectorEnv:
     """``num_envs`` copies of ``make_env(env_id, ...)`` in a gymnasium Sync or Async
-    (subprocess) vector env. Sub-env i gets ``vector_env_seeds(seed, num_envs)[i]`` for its
-    first reset, so the first ``envs.reset()`` equals ``envs.reset(seed=vector_env_seeds(seed,
-    num_envs))`` and everything after it is reproducible. (``envs.reset(seed=seed)`` with an
-    int would instead seed sub-env i with ``seed + i``: gymnasium's rule.) Autoreset: NEXT_STEP
-    by default; see the module docstring for what a trainer must do about it."""
+    (subprocess) vector env, or for ``vector="sync"`` the env's batched vector env when it has
+    one (``BATCHED_VECTOR_ENVS``; ``batched=False`` for the SyncVectorEnv of single envs).
+    Sub-env i gets ``vector_env_seeds(seed, num_envs)[i]`` for its first reset, so the first
+    ``envs.reset()`` equals ``envs.reset(seed=vector_env_seeds(seed, num_envs))`` and
+    everything after it is reproducible. (``envs.reset(seed=seed)`` with an int would instead
+    seed sub-env i with ``seed + i``: gymnasium's rule.) Autoreset: NEXT_STEP by default; see
+    the module docstring for what a trainer must do about it."""
     if num_envs < 1:
         raise ValueError(f"num_envs={num_envs}; expected at least 1")
     if vector not in ("sync", "async"):
@@ -98,9 +110,21 @@ def make_vector_env(
         raise ValueError(
             f"autoreset_mode={autoreset_mode!r}; expected one of {', '.join(_AUTORESET_MODES)}"
         )
+    seeds = vector_env_seeds(seed, num_envs) if seed is not None else [None] * num_envs
+    if batched and vector == "sync" and env_id in BATCHED_VECTOR_ENVS:
+        if previous_action_reward:
+            raise ValueError(
+                f"previous_action_reward=True: the batched vector env of {env_id!r} does not "
+                "append the previous action and reward; pass batched=False"
+            )
+        module_name, _, attr = BATCHED_VECTOR_ENVS[env_id].partition(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+        envs = cls(num_envs, autoreset_mode=_AUTORESET_MODES[autoreset_mode], seeds=seeds, **kwargs)
+        if seed is not None:
+            envs.action_space.seed(seed)
+        return envs
     if vector == "async":
         _build(env_id, kwargs).close()  # fail here, with a clear error, not inside a worker
-    seeds = vector_env_seeds(seed, num_envs) if seed is not None else [None] * num_envs
     env_fns = [
         functools.partial(
             make_env, env_id, env_seed, previous_action_reward=previous_action_reward, **kwargs

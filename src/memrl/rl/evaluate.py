@@ -17,7 +17,6 @@ import tyro
 from memrl.envs import make_vector_env, vector_env_seeds
 from memrl.rl.agent import PPOAgent
 from memrl.rl.config import PPOConfig
-from memrl.rl.rollout import EpisodeTracker
 from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device, write_json
 from memrl.runs.metrics import plt
 
@@ -62,6 +61,22 @@ def evaluate(
     """Mean undiscounted return over ``episodes`` episodes; ``reset_every`` K resets the memory
     every K steps (the Tamiyo recurrence spec's temporal-awareness ablation); ``env_kwargs`` go
     to the environment's constructor (the training run's ``env_options``)."""
+    found = evaluate_episodes(agent, env_id, episodes, seed, reset_every, greedy, env_kwargs)
+    return float(np.mean([e["return"] for e in found]))
+
+
+def evaluate_episodes(
+    agent: PPOAgent,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    reset_every: int | None = None,
+    greedy: bool = True,
+    env_kwargs: Mapping[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """``evaluate``'s episodes one by one: per episode its undiscounted ``"return"`` and the
+    numbers of the env's ``info["episode"]`` at its last step, when the env gives one (the seed
+    lifecycle's final accuracy, culls, ...). The same ``seed`` plays the same episodes."""
     num_envs = min(episodes, 16)
     envs = make_vector_env(
         env_id, num_envs, seed, "sync", autoreset_mode="same_step", **(env_kwargs or {})
@@ -70,7 +85,7 @@ def evaluate(
     obs_np, info = envs.reset(seed=vector_env_seeds(seed, num_envs))
     state = policy.initial_state(num_envs, device)
     is_first = torch.ones(num_envs, dtype=torch.bool, device=device)
-    tracker, finished, t = EpisodeTracker(num_envs), [], 0
+    returns, finished, t = np.zeros(num_envs), [], 0
     policy.eval()
     with torch.inference_mode():
         while len(finished) < episodes:
@@ -83,12 +98,18 @@ def evaluate(
             action = dist.mode() if greedy else dist.sample()
             obs_np, reward, term, trunc, info = envs.step(agent.env_actions(action))
             done = term | trunc
-            tracker.update(reward, done)
-            finished.extend(tracker.pop())
+            returns += reward
+            stats = info.get("final_info", {}).get("episode", {})
+            for i in np.flatnonzero(done):
+                finished.append({"return": float(returns[i])})
+                finished[-1].update(
+                    {k: float(v[i]) for k, v in stats.items() if not k.startswith("_")}
+                )
+            returns[done] = 0.0
             is_first = torch.as_tensor(done, device=device)
             t += 1
     envs.close()
-    return float(np.mean(finished[:episodes]))
+    return finished[:episodes]
 
 
 def run_ppo_eval(cfg: PPOEvalConfig) -> dict:
