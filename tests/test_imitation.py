@@ -19,8 +19,8 @@ from memrl.imitation.codings import (
     decode_spherical,
     spherical_to_cartesian,
 )
-from memrl.imitation.evaluate import ChunkController
-from memrl.imitation.trainer import random_shift
+from memrl.imitation.evaluate import ChunkController, wilson_interval
+from memrl.imitation.trainer import cosine_factor, make_optimizer, random_shift
 from memrl.nn.backbones import make_backbone
 from memrl.nn.losses import weighted_huber
 
@@ -143,8 +143,24 @@ def test_short_bc_run_lowers_validation_loss_and_evaluates(demos, tmp_path, extr
     )
     result = json.loads((run / "eval.json").read_text())
     assert 0.0 <= result["success_rate"] <= 1.0 and result["episodes"] == 2
+    successes = round(2 * result["success_rate"])
+    assert result["success_ci95"] == pytest.approx(list(wilson_interval(successes, 2)))
+    lrs = [r["lr"] for r in records]  # the default schedule: cosine from --lr over 6 epochs
+    assert lrs == pytest.approx([1e-3 * cosine_factor(e, 6, 0) for e in range(6)])
+    assert result["task"] == "push" == json.loads((run / "summary.json").read_text())["task"]
     assert len(result["results"]) == 2 and result["results"][0]["seed"] == 1000
     assert list((run / "videos").glob("episode_1000.gif"))
+
+
+def test_a_policy_is_evaluated_on_its_own_task_only(demos, tmp_path, capsys):
+    run = tmp_path / "bc"
+    args = ["bc", "--dataset", str(demos), "--epochs", "1", "--output-dir", str(run)]
+    assert main([*args, "--device", "cpu", "--batch-size", "32", "--val-fraction", "0.2"]) == 0
+    capsys.readouterr()
+    status = main(["imitation-eval", str(run), "--task", "push-hidden-goal", "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert status == 2
+    assert f"--task push-hidden-goal: {run} was trained on push demonstrations" in err
 
 
 def test_missing_dataset_and_run_are_clear_errors(tmp_path, capsys):
@@ -252,3 +268,47 @@ def test_short_act_run_lowers_validation_loss_and_evaluates(demos, tmp_path):
         result = json.loads((run / "eval.json").read_text())
         assert result["episodes"] == 1 and result["temporal_ensemble"] == bool(extra)
         assert result["results"][0]["steps"] >= 1
+
+
+def test_wilson_interval_equals_a_hand_computation():
+    """36/50: p = 0.72, z² = 3.8416, 1 + z²/n = 1.076832, centre 0.758416 / 1.076832, half
+    1.96 sqrt(0.004032 + 0.00038416) / 1.076832; the ends of 0 and n stay in [0, 1]."""
+    lo, hi = wilson_interval(36, 50)
+    centre, half = 0.758416 / 1.076832, 1.96 * math.sqrt(0.00441616) / 1.076832
+    assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    assert (round(lo, 4), round(hi, 4)) == (0.5833, 0.8253)
+    assert wilson_interval(0, 50)[0] == 0.0 and 0.07 < wilson_interval(0, 50)[1] < 0.08
+    assert wilson_interval(50, 50)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="successes=51, n=50"):
+        wilson_interval(51, 50)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    """Warm-up 2 of 10 epochs: 1/3, 2/3, then 0.5 (1 + cos(pi k / 8)) for k = 0..7."""
+    factors = [cosine_factor(e, 10, 2) for e in range(10)]
+    expected = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert factors == pytest.approx(expected, abs=1e-12)
+    assert [cosine_factor(e, 4, 0) for e in range(4)] == pytest.approx(
+        [1, 0.853553, 0.5, 0.146447], abs=1e-6
+    )
+
+
+def test_optimizer_flags_pick_decoupled_or_l2_weight_decay_and_the_schedule():
+    """adamw shrinks a weight with zero gradient by lr * wd; adam (the spec's L2) leaves it; the
+    plateau schedule halves the lr after --lr-patience bad epochs."""
+    results = {}
+    for optimizer in ("adamw", "adam"):
+        cfg = BCConfig(optimizer=optimizer, weight_decay=0.1, lr=0.01, schedule="plateau",
+                       lr_patience=1)  # fmt: skip
+        w = torch.nn.Parameter(torch.ones(1))
+        opt, scheduler = make_optimizer(cfg, [{"params": [w], "lr": cfg.lr}])
+        w.grad = torch.zeros(1)
+        opt.step()
+        results[optimizer] = float(w)
+        for loss in (1.0, 1.0, 1.0):
+            scheduler.step(loss)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
+    # adam's L2 gradient is wd * w = 0.1, so its normalised step is the full lr
+    assert results == pytest.approx({"adamw": 1 - 0.01 * 0.1, "adam": 1 - 0.01})
+    with pytest.raises(ValueError, match="warmup_epochs=5"):
+        BCConfig(epochs=5, warmup_epochs=5)

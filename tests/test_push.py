@@ -12,7 +12,16 @@ import pytest
 from memrl.cli import main
 from memrl.data import DatasetError, read_demos, write_demos
 from memrl.envs.expert import PushExpert, rollout_expert
-from memrl.envs.push import APPROACH, DONE, PHASES, PUSH, PushConfig, PushEnv, _build_panda
+from memrl.envs.push import (
+    APPROACH,
+    DONE,
+    PHASES,
+    PUSH,
+    PushConfig,
+    PushEnv,
+    _build_panda,
+    saved_task,
+)
 from memrl.imitation.collect import PushCollectConfig, collect_push
 from memrl.runs.config import to_dict
 
@@ -300,11 +309,16 @@ def test_push_collect_keeps_failures_only_when_asked(tmp_path):
         ("--workers", "0", "workers=0; expected at least 1"),
         ("--noise", "-0.5", "noise=-0.5"),
         ("--env.max-steps", "0", "max_steps=0"),
+        ("--goal-frames", "0", "--goal-frames 0; expected 1 <= K < the"),
+        ("--goal-frames", "50", "--goal-frames 50; expected 1 <= K < the"),
+        ("--env.goal-frames", "3", "env.goal_frames=3; set it with --task"),
     ],
 )
 def test_push_collect_rejects_bad_values(tmp_path, capsys, flag, value, message):
+    task = ["--task", "push-hidden-goal"] if flag == "--goal-frames" else []
     try:  # tyro reports a config's ValueError itself and exits with status 2
-        status = main(["push-collect", "--output", str(tmp_path / "x.hdf5"), flag, value])
+        args = ["push-collect", "--output", str(tmp_path / "x.hdf5"), *task, flag, value]
+        status = main(args)
     except SystemExit as exit:
         status = exit.code
     assert status == 2
@@ -339,3 +353,47 @@ def test_push_collect_help_says_output_is_a_file(capsys):
     with pytest.raises(SystemExit):
         main(["push-collect", "--help"])
     assert "HDF5 file to write" in capsys.readouterr().out
+
+
+# -- push-hidden-goal ---------------------------------------------------------------------------
+def test_hidden_goal_marker_shows_in_the_first_k_frames_only():
+    """goal_frames=3: the blue marker is in frames 0, 1, 2 and absent from frame 3 on; the
+    block stays in view, and the scene is the push task's pixel for pixel until then."""
+    hidden, plain = PushEnv(PushConfig(goal_frames=3)), PushEnv()
+    frames, plain_frames = [hidden.reset(seed=0)[0]["image"]], [plain.reset(seed=0)[0]["image"]]
+    for _ in range(5):
+        frames.append(hidden.step(np.array([0.2, 0.0, 0.0]))[0]["image"])
+        plain_frames.append(plain.step(np.array([0.2, 0.0, 0.0]))[0]["image"])
+    markers = [int(colour_pixels(f, BLUE).sum()) for f in frames]
+    assert min(markers[:3]) >= 10 and max(markers[3:]) == 0, markers
+    assert all(green_pixels(f).sum() >= 10 for f in frames)
+    for k in range(3):
+        np.testing.assert_array_equal(frames[k], plain_frames[k])
+    assert all(colour_pixels(f, BLUE).sum() >= 10 for f in plain_frames)
+    hidden.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_expert_solves_the_hidden_goal_task(seed):
+    """The expert reads the goal from the simulator: the same actions as on push."""
+    hidden = rollout_expert(PushConfig(goal_frames=3), seed=seed)
+    assert hidden["attrs"]["success"] is True
+    np.testing.assert_array_equal(hidden["actions"], rollout_expert(CONFIG, seed=seed)["actions"])
+
+
+def test_the_task_round_trips_through_the_dataset_attributes(tmp_path):
+    cfg = PushCollectConfig(
+        episodes=1, workers=1, output=tmp_path / "h.hdf5", task="push-hidden-goal", goal_frames=4
+    )
+    collect_push(cfg)
+    _, attrs = read_demos(cfg.output)
+    assert attrs["task"] == "push-hidden-goal"
+    assert attrs["env_args"]["env_kwargs"]["goal_frames"] == 4
+    task, config = saved_task(attrs["task"], attrs["env_args"]["env_kwargs"])
+    assert task == "push-hidden-goal" and config == PushConfig(goal_frames=4)
+    assert saved_task(None, to_dict(CONFIG))[0] == "push"  # data from before the task attribute
+    with pytest.raises(ValueError, match="task='push' but its env settings"):
+        saved_task("push", attrs["env_args"]["env_kwargs"])
+    with pytest.raises(ValueError, match="goal_frames=50; expected 1 <= goal_frames < max_steps"):
+        PushConfig(goal_frames=50)

@@ -21,6 +21,9 @@ What differs from ``gymnasium.make("PandaPush-v3")`` and why (each one measured)
   default, with ``pybullet.changeVisualShape``) and sunk into the table so that only a thin
   square marker shows (``target_marker_height``). It is a ghost body (no collisions) and is
   not re-created, so the physics is the stock env's.
+* **push-hidden-goal** (``goal_frames=K``): the target marker is drawn in the first K frames
+  of an episode and then sunk out of sight; block and gripper stay visible and the goal (and
+  so success) is unchanged, so a policy must remember where the target was.
 * **The camera** of the notes (the stock one shows the block as 1-2 pixels at 84 x 84), and
   shadows off by default (a frame takes ~15 ms instead of ~30 ms).
 
@@ -94,6 +97,10 @@ class PushConfig:
     """Phase 'contact' starts when the robot comes this close to the block, in metres."""
     push_progress: float = 0.01
     """Phase 'push' starts when the block is this much closer to the target than at reset."""
+    goal_frames: int | None = None
+    """None: the target marker is always drawn (the push task); K: drawn in the first K frames
+    of an episode only (frames 0..K-1, frame 0 being reset's), then hidden: the
+    push-hidden-goal task, which a policy can only solve by remembering where the target was."""
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -114,11 +121,22 @@ class PushConfig:
             raise ValueError(
                 f"target_marker_height={self.target_marker_height}; expected in (0, {BLOCK_SIZE}]"
             )
+        if self.goal_frames is not None and not 1 <= self.goal_frames < self.max_steps:
+            raise ValueError(
+                f"goal_frames={self.goal_frames}; expected 1 <= goal_frames < max_steps "
+                f"({self.max_steps}), or None to always draw the target"
+            )
         if not self.contact_distance >= 0 or not self.push_progress > 0:
             raise ValueError(
                 f"contact_distance={self.contact_distance}, push_progress={self.push_progress}; "
                 "expected contact_distance >= 0 and push_progress > 0"
             )
+
+    @property
+    def task(self) -> str:
+        """``"push"``, or ``"push-hidden-goal"`` when the target is shown for ``goal_frames``
+        frames only."""
+        return "push" if self.goal_frames is None else "push-hidden-goal"
 
     @classmethod
     def from_saved(cls, settings: dict[str, Any]) -> PushConfig:
@@ -205,6 +223,8 @@ class PushEnv(gym.Env):
     # -- helpers --------------------------------------------------------------------------------
     def _observe(self, panda_obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._privileged = {key: value.copy() for key, value in panda_obs.items()}
+        if self.steps == self.config.goal_frames:  # frame K: the marker goes under the table
+            self._place_target_marker(hidden=True)
         self._image = self._render_camera()
         state = panda_obs["observation"][:3].astype(np.float32)  # gripper position (3,)
         return {"image": self._image.copy(), "state": state}
@@ -230,10 +250,11 @@ class PushEnv(gym.Env):
         )
         return len(points) > 0
 
-    def _place_target_marker(self) -> None:
-        """Sink the target cube so that only ``target_marker_height`` shows above the table."""
+    def _place_target_marker(self, hidden: bool = False) -> None:
+        """Sink the target cube so that only ``target_marker_height`` shows above the table, or
+        with ``hidden`` all of it (a ghost body: the task's goal and the physics stay)."""
         position = self.panda.task.get_goal()
-        position[2] = self.config.target_marker_height - BLOCK_SIZE / 2
+        position[2] = (-BLOCK_SIZE if hidden else self.config.target_marker_height) - BLOCK_SIZE / 2
         self.panda.sim.set_base_pose("target", position, np.array([0.0, 0.0, 0.0, 1.0]))
 
     def _render_camera(self) -> np.ndarray:
@@ -260,6 +281,23 @@ class PushEnv(gym.Env):
         )
         rgba = np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)  # (S, S, 4)
         return np.ascontiguousarray(rgba[..., :3])
+
+
+TASKS = ("push", "push-hidden-goal")
+
+
+def saved_task(task: str | None, env_kwargs: dict[str, Any]) -> tuple[str, PushConfig]:
+    """The task and env settings that a push dataset's attributes (``task``,
+    ``env_args["env_kwargs"]``) or a trained policy record. Data written before
+    push-hidden-goal existed has no task: push. A task that contradicts the settings is an
+    error."""
+    config = PushConfig.from_saved(env_kwargs)
+    if task is not None and task != config.task:
+        raise ValueError(
+            f"task={task!r} but its env settings (goal_frames={config.goal_frames}) are those "
+            f"of {config.task!r}; expected them to agree"
+        )
+    return config.task, config
 
 
 def make_push_env(config: PushConfig | None = None) -> PushEnv:

@@ -15,8 +15,12 @@ attributes: ``seed``, ``success``, ``num_samples``. Attributes of ``data``: ``en
 env name and its :class:`PushConfig`), ``expert`` (JSON: the expert's settings), ``phases``
 (JSON list), ``expert_success_rate`` (over all recorded episodes, kept or not),
 ``num_episodes``, ``seeds`` (of the demos written, in order), ``noise``, ``keep_failures``,
-``num_demos`` and ``total`` (steps). Only successful episodes are written unless
-``--keep-failures``.
+``num_demos`` and ``total`` (steps), ``task`` (push or push-hidden-goal, whose goal_frames is in
+``env_args``). Only successful episodes are written unless ``--keep-failures``.
+
+``--task push-hidden-goal`` records the variant whose target marker shows in the first
+``--goal-frames`` frames only (:class:`PushConfig`'s ``goal_frames``); the expert, which reads
+the goal from the simulator, is unaffected.
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class PushCollectConfig:
     """Also write the episodes in which the expert failed."""
     start_method: Literal["spawn", "fork", "forkserver"] = "spawn"
     """How worker processes start (pybullet works with each)."""
+    task: Literal["push", "push-hidden-goal"] = "push"
+    """push: the target is always drawn; push-hidden-goal: only in the first --goal-frames
+    frames of an episode."""
+    goal_frames: int = 3
+    """push-hidden-goal: frames (reset's included) that show the target."""
     env: PushConfig = dataclasses.field(default_factory=PushConfig)
     """Environment settings (camera, image size, episode length, target marker)."""
 
@@ -71,6 +80,18 @@ class PushCollectConfig:
             raise ValueError(f"noise={self.noise}; expected a standard deviation >= 0")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed}; expected a non-negative integer")
+        if self.env.goal_frames is not None:
+            raise ValueError(
+                f"env.goal_frames={self.env.goal_frames}; set it with --task push-hidden-goal "
+                "--goal-frames K"
+            )
+        if self.task == "push-hidden-goal":
+            if not 1 <= self.goal_frames < self.env.max_steps:
+                raise ValueError(
+                    f"--goal-frames {self.goal_frames}; expected 1 <= K < the episode length "
+                    f"({self.env.max_steps} steps)"
+                )
+            self.env = dataclasses.replace(self.env, goal_frames=self.goal_frames)
 
 
 def collect_push(cfg: PushCollectConfig) -> dict[str, Any]:
@@ -101,6 +122,7 @@ def collect_push(cfg: PushCollectConfig) -> dict[str, Any]:
         "expert": {
             k: v for k, v in dataclasses.asdict(PushExpert(noise=cfg.noise)).items() if k != "seed"
         },
+        "task": cfg.env.task,
         "phases": list(PHASES),
         "expert_success_rate": float(success_rate),
         "num_episodes": cfg.episodes,

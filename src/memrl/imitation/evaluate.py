@@ -6,13 +6,15 @@ from 0 up, so keep them apart), each in a fresh environment built exactly as the
 (the settings saved with the policy). A recurrent BC policy's state is carried from step to step
 and reset at the start of every episode. An ACT policy executes each predicted chunk, or with
 ``--temporal-ensemble`` averages every prediction made for a step (:mod:`memrl.imitation.act`).
-Writes ``eval.json`` (success_rate, mean_return, episodes, per-episode results) and GIFs of the
-first ``--videos`` episodes to ``RUN_DIR/videos/``.
+Writes ``eval.json`` (success_rate with its 95% Wilson interval ``success_ci95``, mean_return,
+episodes, per-episode results) and GIFs of the first ``--videos`` episodes to
+``RUN_DIR/videos/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from pathlib import Path
 from typing import Annotated, Literal
@@ -23,7 +25,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from memrl.envs.push import PushConfig, PushEnv
+from memrl.envs.push import PushConfig, PushEnv, saved_task
 from memrl.envs.push import run_episode as run_push_episode
 from memrl.imitation.act import ACTConfig, ACTPolicy
 from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy
@@ -48,6 +50,9 @@ class ImitationEvalConfig:
     """ACT: query every step and average all predictions for it (else execute whole chunks)."""
     ensemble_m: float = 0.01
     """ACT temporal ensembling: weight exp(-m * i), i = 0 the oldest prediction."""
+    task: Literal["push", "push-hidden-goal"] | None = None
+    """Fail unless the policy was trained on this task; None: evaluate on the policy's own task,
+    recorded from its demonstrations."""
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.videos < 0:
@@ -116,9 +121,10 @@ POLICIES = {"bc": (BCConfig, VisuomotorBCPolicy), "act": (ACTConfig, ACTPolicy)}
 
 
 def load_policy(
-    run_dir: Path, device: torch.device
+    run_dir: Path, device: torch.device, expected_task: str | None = None
 ) -> tuple[VisuomotorBCPolicy | ACTPolicy, PushConfig]:
-    """The trained policy of a run directory and the env settings of its demonstrations."""
+    """The trained policy of a run directory and the env settings of its demonstrations (its
+    task's); ``expected_task``: fail unless it is the policy's task."""
     if not (run_dir / "policy.pt").is_file():
         raise ConfigError(f"{run_dir} holds no policy.pt; train with `memrl bc` or `memrl act`")
     payload = load_checkpoint(run_dir / "policy.pt")
@@ -127,11 +133,20 @@ def load_policy(
             f"{run_dir / 'policy.pt'} holds a policy of kind {payload.get('kind')!r}; "
             f"expected one of {sorted(POLICIES)}"
         )
+    try:
+        task, env_config = saved_task(payload.get("task"), payload["env_kwargs"])
+    except ValueError as err:
+        raise ConfigError(f"{run_dir / 'policy.pt'}: {err}") from None
+    if expected_task is not None and task != expected_task:
+        raise ConfigError(
+            f"--task {expected_task}: {run_dir} was trained on {task} demonstrations; a policy is "
+            f"evaluated on the task it learned (omit --task, or train on {expected_task} data)"
+        )
     config_class, policy_class = POLICIES[payload["kind"]]
     cfg = load_config(config_class, run_dir / "config.yaml")
     policy = policy_class(dataclasses.replace(cfg, pretrained=False))
     policy.load_state_dict(payload["policy"])
-    return policy.to(device).eval(), PushConfig.from_saved(payload["env_kwargs"])
+    return policy.to(device).eval(), env_config
 
 
 def controller_for(
@@ -156,9 +171,23 @@ def run_episode(controller, env: PushEnv, seed: int, device, record: bool = Fals
     return run_push_episode(env, act, seed, record)
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate (95% for z = 1.96): ``(c - h, c + h)`` with
+    ``c = (p + z²/2n) / (1 + z²/n)``, ``h = z sqrt(p(1 - p)/n + z²/4n²) / (1 + z²/n)``,
+    ``p = successes / n``. Unlike p ± z·sqrt(p(1-p)/n) it stays inside [0, 1] and is not
+    empty at 0 or n successes."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"successes={successes}, n={n}; expected 0 <= successes <= n, n >= 1")
+    p, z2 = successes / n, z * z
+    denominator = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
 def run_imitation_eval(cfg: ImitationEvalConfig) -> dict:
     device = resolve_device(cfg.device)
-    policy, env_config = load_policy(cfg.run_dir, device)
+    policy, env_config = load_policy(cfg.run_dir, device, cfg.task)
     controller = controller_for(policy, cfg.temporal_ensemble, cfg.ensemble_m)
     env = PushEnv(env_config)
     results = []
@@ -173,17 +202,22 @@ def run_imitation_eval(cfg: ImitationEvalConfig) -> dict:
             results.append({k: v for k, v in episode.items() if k != "frames"})
     finally:
         env.close()
+    successes = sum(bool(r["success"]) for r in results)
     summary = {
-        "success_rate": float(np.mean([r["success"] for r in results])),
+        "success_rate": successes / cfg.episodes,
+        "success_ci95": wilson_interval(successes, cfg.episodes),
         "mean_return": float(np.mean([r["return"] for r in results])),
         "episodes": cfg.episodes,
+        "task": env_config.task,
         "temporal_ensemble": cfg.temporal_ensemble if isinstance(policy, ACTPolicy) else None,
         "seeds": [cfg.seed, cfg.seed + cfg.episodes - 1],
         "results": results,
     }
     write_json(cfg.run_dir / "eval.json", summary)
     print(
-        f"imitation-eval: success {summary['success_rate']:.1%} over {cfg.episodes} episodes "
+        f"imitation-eval: success {summary['success_rate']:.1%} (95% CI "
+        f"{summary['success_ci95'][0]:.1%}–{summary['success_ci95'][1]:.1%}) over "
+        f"{cfg.episodes} episodes "
         f"(seeds {cfg.seed}..{cfg.seed + cfg.episodes - 1}), mean return "
         f"{summary['mean_return']:.2f}; {cfg.run_dir / 'eval.json'}"
     )

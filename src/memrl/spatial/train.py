@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from memrl.data import load_episodes
+from memrl.envs.push import saved_task
 from memrl.nn.losses import huber_per_step, weighted_huber, weighted_mean
 from memrl.runs import (
     ConfigError,
@@ -310,6 +311,12 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     """Train one phase (module docstring); writes ``model.pt`` and ``summary.json``."""
     cfg, init = resolve_init(cfg)
     split = load_episodes(cfg.dataset, cfg.val_fraction, REQUIRED)
+    try:
+        task, _ = saved_task(
+            split.attrs.get("task"), split.attrs.get("env_args", {}).get("env_kwargs", {})
+        )
+    except ValueError as err:
+        raise ConfigError(f"--dataset {cfg.dataset}: {err}") from None
     run = Run("spatial", cfg)
     run.check_budget(cfg.epochs, "--epochs")
     device = run.device
@@ -373,7 +380,9 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
         bar.update(1)
         run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     bar.close()
-    summary = figures | {"phase": cfg.phase, "epochs": cfg.epochs, "train_demos": len(train)}
+    summary = figures | {
+        "phase": cfg.phase, "epochs": cfg.epochs, "train_demos": len(train), "task": task
+    }  # fmt: skip
     if not run.finish(summary):
         return summary
     save_checkpoint(
@@ -383,6 +392,7 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
             "phase": cfg.phase,
             "model": model.state_dict(),
             "env_kwargs": split.attrs.get("env_args", {}).get("env_kwargs", {}),
+            "task": task,
         },
     )
     print(
