@@ -4,13 +4,14 @@ the same demonstrations and held-out seeds.
 Each cell (row, training seed) is a ``memrl bc`` / ``memrl act`` run directory under --out-dir
 followed by ``memrl imitation-eval``; finished cells are skipped and a killed run resumes from its
 last checkpoint, so the table can be built across several sittings (run the same command again).
-The demonstrations are made first when --dataset does not exist (``memrl push-collect
---episodes 200 --seed 0``).
+The demonstrations of --task are made first when --dataset does not exist (``memrl
+push-collect --episodes 200 --seed 0 --task TASK``); the cells of a task go to --out-dir/TASK.
 
 Columns: success over the held-out seeds (mean ± std over training seeds), the pooled success
 with its 95% Wilson interval, and the training wall time per run (mean).
 
-python benchmarks/imitation_table.py                         # every row, 3 seeds
+python benchmarks/imitation_table.py                         # push: every row, 3 seeds
+python benchmarks/imitation_table.py --task push-hidden-goal # the task that needs memory
 python benchmarks/imitation_table.py --rows bc bc-state --seeds 0
 python benchmarks/imitation_table.py --report                # the finished cells only
 """
@@ -27,12 +28,15 @@ import time
 from pathlib import Path
 
 from memrl.imitation.evaluate import wilson_interval
-from memrl.runs import write_json
+from memrl.runs import read_metrics, write_json
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "bc": ("BC-CNN, defaults", ["bc"]),
     "bc-state": ("BC-CNN + gripper state", ["bc", "--use-state"]),
-    "bc-gru": ("BC-CNN + GRU", ["bc", "--use-gru"]),
+    "bc-gru": ("BC-CNN + GRU (memory through the episode)", ["bc", "--use-gru"]),
+    "bc-stack4": ("BC-CNN, 4-frame stack", ["bc", "--frame-stack", "4"]),
+    "act": ("ACT, defaults", ["act"]),
+    "act-h4": ("ACT, 4 observations", ["act", "--obs-horizon", "4"]),
     "bc-spec": (
         "BC-CNN, the spec's settings",
         [
@@ -53,6 +57,16 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 
 def memrl(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "memrl", *args], check=True)
+
+
+def train_wall(run_dir: Path, measured: float) -> float:
+    """The run's training seconds: its summary's, else its last metrics record's time, else
+    what this process measured."""
+    wall = json.loads((run_dir / "summary.json").read_text()).get("wall_seconds")
+    if wall is None:
+        records = read_metrics(run_dir / "metrics.jsonl")
+        wall = records[-1].get("time", measured) if records else measured
+    return wall
 
 
 def run_cell(args: argparse.Namespace, row: str, seed: int) -> dict | None:
@@ -78,9 +92,7 @@ def run_cell(args: argparse.Namespace, row: str, seed: int) -> dict | None:
     cell = {
         "successes": sum(bool(r["success"]) for r in evaluation["results"]),
         "episodes": evaluation["episodes"],
-        "train_wall_s": json.loads((run_dir / "summary.json").read_text()).get(
-            "wall_seconds", wall
-        ),
+        "train_wall_s": train_wall(run_dir, wall),
         "command": "memrl " + " ".join(command),
     }
     write_json(result, cell)
@@ -93,15 +105,19 @@ def main() -> None:
     )
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--dataset", type=Path, default=Path("data/push.hdf5"))
+    parser.add_argument("--task", choices=["push", "push-hidden-goal"], default="push")
+    parser.add_argument("--dataset", type=Path, help="default: data/<task>.hdf5")
     parser.add_argument("--episodes", type=int, default=50, help="held-out evaluation episodes")
     parser.add_argument("--eval-seed", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/imitation_table"))
     parser.add_argument("--report", action="store_true", help="only report the finished cells")
     args = parser.parse_args()
+    args.dataset = args.dataset or Path(f"data/{args.task}.hdf5")
+    args.out_dir = args.out_dir / args.task
     if not args.dataset.exists() and not args.report:
-        memrl("push-collect", "--episodes", "200", "--seed", "0", "--output", str(args.dataset))
+        memrl("push-collect", "--episodes", "200", "--seed", "0", "--task", args.task,
+              "--output", str(args.dataset))  # fmt: skip
     lines = [
         "| policy | command | seeds | success (mean ± std) | pooled, 95% Wilson | train wall |",
         "|---|---|---|---|---|---|",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from memrl.cli import main
 from memrl.imitation.act import ACTConfig, ACTPolicy, sinusoidal_positions
-from memrl.imitation.bc import BCConfig, VisuomotorBCPolicy
+from memrl.imitation.bc import BCConfig, FrameStack, VisuomotorBCPolicy
 from memrl.imitation.codings import (
     cartesian_to_spherical,
     decode_spherical,
@@ -92,9 +92,12 @@ def test_pretrained_weights_absent_is_a_clear_error(tmp_path, monkeypatch):
     assert make_backbone("resnet18", pretrained=None).feature_dim == 512  # absent: random init
 
 
-def test_gru_policy_state_carries_across_steps_and_resets_between_episodes():
+@pytest.mark.parametrize(
+    "memory", [{"use_gru": True}, {"frame_stack": 3}, {"use_gru": True, "frame_stack": 2}]
+)
+def test_gru_policy_state_carries_across_steps_and_resets_between_episodes(memory):
     torch.manual_seed(0)
-    policy = VisuomotorBCPolicy(BCConfig(use_gru=True, use_state=True)).eval()
+    policy = VisuomotorBCPolicy(BCConfig(use_state=True, **memory)).eval()
     images = torch.randint(0, 256, (6, 1, 3, 84, 84), dtype=torch.uint8)
     states = torch.randn(6, 1, 3)
     is_first = torch.zeros(6, 1, dtype=torch.bool)
@@ -114,6 +117,19 @@ def test_gru_policy_state_carries_across_steps_and_resets_between_episodes():
         assert torch.allclose(fresh, whole[:1], atol=1e-6)
 
 
+def test_frame_stack_is_the_last_k_features_of_the_episode_oldest_first():
+    """Steps 0..4 of one env, a new episode at step 3: step t sees features (f[t-2], f[t-1],
+    f[t]), the episode's first step standing in for those before it."""
+    f = torch.arange(1.0, 6.0)[:, None, None].expand(5, 1, 2)  # f[t] = (t + 1, t + 1)
+    is_first = torch.tensor([[True], [False], [False], [True], [False]])
+    stack = FrameStack(3)
+    out, (window,) = stack(f, stack.initial_state(1, 2), is_first)
+    rows = [[1, 1, 1], [1, 1, 2], [1, 2, 3], [4, 4, 4], [4, 4, 5]]
+    expected = torch.tensor(rows, dtype=torch.float32).repeat_interleave(2, 1)[:, None]
+    assert torch.equal(out, expected)
+    assert torch.equal(window, torch.tensor([[[4.0, 4.0], [5.0, 5.0]]]))
+
+
 def test_random_shift_moves_images_by_at_most_the_pad():
     images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
     images[:, :, 8, 8] = 255
@@ -128,7 +144,9 @@ def demos(push_demos):
     return push_demos(12)
 
 
-@pytest.mark.parametrize("extra", [[], ["--use-gru", "--use-state", "--use-spherical"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--use-gru", "--use-state", "--use-spherical"], ["--frame-stack", "2"]]
+)
 def test_short_bc_run_lowers_validation_loss_and_evaluates(demos, tmp_path, extra):
     run = tmp_path / "bc"
     args = ["bc", "--dataset", str(demos), "--epochs", "6", "--output-dir", str(run)]
