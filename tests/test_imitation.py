@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from memrl.cli import main
+from memrl.data import Batch
 from memrl.imitation.act import ACTConfig, ACTPolicy, sinusoidal_positions
 from memrl.imitation.bc import BCConfig, FrameStack, VisuomotorBCPolicy
 from memrl.imitation.codings import (
@@ -330,3 +331,18 @@ def test_optimizer_flags_pick_decoupled_or_l2_weight_decay_and_the_schedule():
     assert results == pytest.approx({"adamw": 1 - 0.01 * 0.1, "adam": 1 - 0.01})
     with pytest.raises(ValueError, match="warmup_epochs=5"):
         BCConfig(epochs=5, warmup_epochs=5)
+
+
+def test_l1_loss_is_the_mean_absolute_error_over_valid_steps():
+    """ACT's loss: |raw - action / scale| averaged over components, then over valid steps;
+    padding (valid False) counts for nothing."""
+    policy = VisuomotorBCPolicy(BCConfig(loss="l1"))
+    policy.action_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
+    actions = torch.tensor([[[1.0, 0.5, 0.25]], [[-2.0, 0.0, 0.5]], [[9.0, 9.0, 9.0]]])  # (3, 1, 3)
+    raw = torch.tensor([[[0.5, 0.5, 0.5]], [[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True], [True], [False]])
+    batch = Batch(None, torch.zeros(3, 1, 3), actions, torch.zeros(3, 1, dtype=torch.bool), valid)
+    # targets (0.5, 0.5, 0.5) and (-1, 0, 1): errors 0 and (1 + 0 + 1) / 3
+    assert policy.loss(raw, batch).item() == pytest.approx((0.0 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="--loss l1 with --use-spherical"):
+        BCConfig(loss="l1", use_spherical=True)

@@ -97,7 +97,7 @@ class ACTPolicy(ImitationPolicy):
     memrl sequence."""
 
     def __init__(self, cfg: ACTConfig) -> None:
-        super().__init__(cfg.use_spherical)
+        super().__init__(cfg.use_spherical, cfg.loss)
         self.use_state, self.chunk_size, self.obs_horizon = (
             cfg.use_state,
             cfg.chunk_size,

@@ -96,7 +96,7 @@ class VisuomotorBCPolicy(ImitationPolicy):
     state; without a GRU each step is independent and the state is empty."""
 
     def __init__(self, cfg: BCConfig) -> None:
-        super().__init__(cfg.use_spherical)
+        super().__init__(cfg.use_spherical, cfg.loss)
         self.use_state = cfg.use_state
         self.backbone = make_backbone(cfg.backbone, cfg.pretrained, cfg.cnn_pool)
         self.frame_width = self.backbone.feature_dim + (3 if cfg.use_state else 0)

@@ -28,7 +28,7 @@ from torch import nn
 from memrl.data import Batch, EpisodeStore, Statistics, load_episodes
 from memrl.envs.push import saved_task
 from memrl.imitation.codings import cartesian_to_spherical, decode_spherical, spherical_to_cartesian
-from memrl.nn.losses import weighted_huber
+from memrl.nn.losses import weighted_huber, weighted_mean
 from memrl.runs import ConfigError, Run, RunOptions, distributed, save_checkpoint
 
 
@@ -50,6 +50,9 @@ class ImitationConfig(RunOptions):
     """Also feed the gripper position (normalised)."""
     use_spherical: bool = False
     """Predict (magnitude, theta, phi) instead of (dx, dy, dz)."""
+    loss: Literal["huber", "l1"] = "huber"
+    """huber: the spec's magnitude-weighted Huber loss; l1: the mean absolute error of the
+    scaled Cartesian action (ACT's loss)."""
     epochs: int = 20
     """Passes over the training demonstrations."""
     batch_size: int = 64
@@ -79,6 +82,8 @@ class ImitationConfig(RunOptions):
         for name in ("epochs", "batch_size", "lr_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if self.loss == "l1" and self.use_spherical:
+            raise ValueError("--loss l1 with --use-spherical; expected the Cartesian coding")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(
                 f"warmup_epochs={self.warmup_epochs}; expected 0 <= warmup_epochs < epochs "
@@ -93,9 +98,9 @@ class ImitationConfig(RunOptions):
 class ImitationPolicy(nn.Module):
     """Action coding and normalisation statistics (saved with the weights) of a push policy."""
 
-    def __init__(self, use_spherical: bool) -> None:
+    def __init__(self, use_spherical: bool, loss: str = "huber") -> None:
         super().__init__()
-        self.use_spherical = use_spherical
+        self.use_spherical, self.loss_kind = use_spherical, loss
         self.register_buffer("state_mean", torch.zeros(3))
         self.register_buffer("state_std", torch.ones(3))
         self.register_buffer("action_scale", torch.ones(3))
@@ -123,9 +128,13 @@ class ImitationPolicy(nn.Module):
         return decode_spherical(raw) if self.use_spherical else raw
 
     def loss(self, raw: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The magnitude-weighted Huber loss of head outputs ``raw`` against the batch's expert
-        actions, over its valid steps (the visuomotor imitation spec's loss)."""
+        """The loss of head outputs ``raw`` against the batch's expert actions over its valid
+        steps: the magnitude-weighted Huber loss (the visuomotor imitation spec's), or with
+        ``loss="l1"`` the mean absolute error per action component (ACT's)."""
         actions = batch.actions
+        if self.loss_kind == "l1":
+            per_step = (self.decode(raw) - self.target(actions)).abs().mean(-1)
+            return weighted_mean(per_step, batch.valid)
         return weighted_huber(
             self.decode(raw), self.target(actions), actions, batch.valid, self.use_spherical
         )
