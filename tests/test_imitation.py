@@ -331,6 +331,11 @@ def test_optimizer_flags_pick_decoupled_or_l2_weight_decay_and_the_schedule():
     assert results == pytest.approx({"adamw": 1 - 0.01 * 0.1, "adam": 1 - 0.01})
     with pytest.raises(ValueError, match="warmup_epochs=5"):
         BCConfig(epochs=5, warmup_epochs=5)
+    # a flag of the other schedule is an error, not silently ignored
+    with pytest.raises(ValueError, match="--lr-patience 10 with --schedule cosine"):
+        BCConfig(lr_patience=10)
+    with pytest.raises(ValueError, match="--warmup-epochs 2 with --schedule plateau"):
+        BCConfig(schedule="plateau", warmup_epochs=2)
 
 
 def test_l1_loss_is_the_mean_absolute_error_over_valid_steps():

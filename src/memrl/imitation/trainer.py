@@ -68,8 +68,9 @@ class ImitationConfig(RunOptions):
     halved after --lr-patience epochs without a 1% better validation loss (the spec's)."""
     warmup_epochs: int = 0
     """cosine: epochs of linear warm-up from lr / (warmup + 1) to lr."""
-    lr_patience: int = 2
-    """plateau: epochs without a 1% better validation loss before halving the lr."""
+    lr_patience: int | None = None
+    """plateau: epochs without a 1% better validation loss before halving the lr (None: 2,
+    the spec's)."""
     val_fraction: float = 0.1
     """Share of demonstrations held out for validation (at least one)."""
     augment: bool = True
@@ -79,9 +80,19 @@ class ImitationConfig(RunOptions):
     with AMX or AVX-512 BF16 and on recent GPUs."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr_patience"):
+        for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if self.lr_patience is not None and (self.schedule != "plateau" or self.lr_patience < 1):
+            raise ValueError(
+                f"--lr-patience {self.lr_patience} with --schedule {self.schedule}; expected a "
+                "positive integer, with --schedule plateau"
+            )
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(
+                f"--warmup-epochs {self.warmup_epochs} with --schedule {self.schedule}; expected "
+                "--schedule cosine"
+            )
         if self.loss == "l1" and self.use_spherical:
             raise ValueError("--loss l1 with --use-spherical; expected the Cartesian coding")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -185,7 +196,7 @@ def make_optimizer(
     optimizer = kind(groups, weight_decay=cfg.weight_decay)
     if cfg.schedule == "plateau":
         return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=0.5, patience=cfg.lr_patience, threshold=0.01,
+            optimizer, mode="min", factor=0.5, patience=cfg.lr_patience or 2, threshold=0.01,
             threshold_mode="rel",
         )  # fmt: skip
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
