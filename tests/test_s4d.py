@@ -272,6 +272,9 @@ def test_state_helpers_work_on_its_state() -> None:
         ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min <= dt_max"),
         ({"num_layers": 0}, "num_layers must be a positive int"),
         ({"hidden_size": 2.5}, "hidden_size must be a positive int"),
+        ({"hidden_size": True}, "^S4DCore: hidden_size must be a positive int, got True$"),
+        ({"state_size": True}, "state_size must be a positive even int"),
+        ({"chunk_size": True}, "chunk_size must be a positive int, got True"),
     ],
 )
 def test_bad_options_fail_clearly(kwargs: dict, match: str) -> None:
@@ -385,14 +388,18 @@ def test_layer_norm_option_normalises_each_blocks_output(layer_norm: bool) -> No
     assert normalised == layer_norm
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_empty_sequence_fails_clearly(batch: int) -> None:
-    core = build(0, input_size=2, hidden_size=3, state_size=4)
-    x = torch.zeros(0, batch, 2, dtype=torch.float64)
-    with pytest.raises(
-        ValueError, match="^S4DCore: x must have at least one time step, got T = 0$"
-    ):
-        core(x, core.initial_state(batch), torch.zeros(0, batch, dtype=torch.bool))
+@pytest.mark.parametrize("mode", ["fft", "scan", "recurrent", "auto"])
+@pytest.mark.parametrize(("steps", "batch"), [(0, 2), (3, 0), (1, 0)])
+def test_an_empty_sequence_or_batch_has_empty_outputs_and_keeps_the_state(mode, steps, batch):
+    """As the RNN cores: no time steps or no sequences is nothing to run, not an error (the FFT
+    of an empty batch used to fail inside MKL)."""
+    core = build(0, input_size=2, hidden_size=3, state_size=4, mode=mode)
+    state = core.initial_state(batch, dtype=torch.float64)
+    state = (torch.randn_like(state[0]),)
+    x = torch.zeros(steps, batch, 2, dtype=torch.float64)
+    y, final = core(x, state, torch.zeros(steps, batch, dtype=torch.bool))
+    assert y.shape == (steps, batch, 3) and y.dtype == torch.float64
+    assert torch.equal(final[0], state[0])
 
 
 @pytest.mark.parametrize("mode", ["fft", "scan", "recurrent"])

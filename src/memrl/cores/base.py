@@ -136,3 +136,10 @@ class Core(nn.Module, abc.ABC):
     def _want(self, sequence: bool) -> str:
         """The expected shape of ``x``, for messages: ``(T, B, 64)`` or ``(B, 64)``."""
         return ("(T, B, " if sequence else "(B, ") + ", ".join(map(str, self.feature_shape)) + ")"
+
+
+def check_positive(prefix: str = "", **sizes: int) -> None:
+    """A clear error unless every size is a positive int (``True`` is not a size)."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{prefix}{name} must be a positive int, got {value!r}")

@@ -18,8 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from memrl.cores.base import Core, State
-from memrl.cores.rnn import _check_positive
+from memrl.cores.base import Core, State, check_positive
 
 GateHook = Callable[[torch.Tensor, int, int, slice], torch.Tensor]
 """``hook(pre, layer, t, gates) -> pre``: transform the gate pre-activations ``pre``
@@ -58,7 +57,7 @@ class _ConvRecurrentCore(Core):
         num_layers: int = 1,
     ) -> None:
         super().__init__()
-        _check_positive(
+        check_positive(
             input_channels=input_channels,
             hidden_channels=hidden_channels,
             kernel_size=kernel_size,

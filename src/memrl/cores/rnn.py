@@ -26,15 +26,9 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from memrl.cores._fused_rnn import ResettableGRU, ResettableLSTM
-from memrl.cores.base import Core, State
+from memrl.cores.base import Core, State, check_positive
 
 INITS = ("orthogonal", "pytorch")  # recurrent-core initialisations (``reset_parameters``)
-
-
-def _check_positive(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class NoMemoryCore(Core):
@@ -46,7 +40,7 @@ class NoMemoryCore(Core):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
         super().__init__()
-        _check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
+        check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.feature_shape, self.output_shape = (input_size,), (hidden_size,)
         self.state_shapes = ()
@@ -81,7 +75,7 @@ class _RecurrentCore(Core):
         init: str = "orthogonal",
     ) -> None:
         super().__init__()
-        _check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
+        check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         if init not in INITS:
             raise ValueError(
                 f"{type(self).__name__}: unknown init {init!r}; expected one of {', '.join(INITS)}"

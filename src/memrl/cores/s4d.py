@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memrl.cores.base import Core, State
+from memrl.cores.base import Core, State, check_positive
 
 MODES = ("auto", "fft", "scan", "recurrent")
 INITS = ("lin", "inv")
@@ -246,14 +246,15 @@ class S4DCore(Core):
         chunk_size: int = 32,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("input_size", input_size),
-            ("hidden_size", hidden_size),
-            ("num_layers", num_layers),
+        check_positive(
+            "S4DCore: ", input_size=input_size, hidden_size=hidden_size, num_layers=num_layers
+        )
+        if (
+            not isinstance(state_size, int)
+            or isinstance(state_size, bool)
+            or state_size < 2
+            or state_size % 2
         ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"S4DCore: {name} must be a positive int, got {value!r}")
-        if not isinstance(state_size, int) or state_size < 2 or state_size % 2:
             raise ValueError(
                 f"S4DCore: state_size must be a positive even int (N/2 conjugate pairs), "
                 f"got {state_size!r}"
@@ -293,8 +294,7 @@ class S4DCore(Core):
 
     @chunk_size.setter
     def chunk_size(self, value: int) -> None:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"S4DCore: chunk_size must be a positive int, got {value!r}")
+        check_positive("S4DCore: ", chunk_size=value)
         self._chunk_size = value
 
     def _resolve_mode(self, is_first: torch.Tensor) -> str:
@@ -313,8 +313,8 @@ class S4DCore(Core):
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
-        if x.shape[0] == 0:
-            raise ValueError("S4DCore: x must have at least one time step, got T = 0")
+        if x.shape[0] == 0 or x.shape[1] == 0:  # nothing to run: as the RNN cores, no error
+            return x.new_zeros(*x.shape[:2], self.output_size), state
         mode = self._resolve_mode(is_first)
         h = self.encoder(x)  # (T, B, H)
         last = []
