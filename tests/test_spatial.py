@@ -375,3 +375,32 @@ def test_phase_order_and_missing_runs_are_clear_errors(demos, tmp_path, capsys):
         main(["spatial-eval", str(tmp_path / "A"), "--device", "banana"])
     assert exit_.value.code == 2
     assert "invalid choice 'banana' for argument '--device'" in capsys.readouterr().err
+
+
+def test_encoder_from_a_bc_run_loads_its_backbone_and_keeps_it_frozen(demos, tmp_path, capsys):
+    """The spec's Stage 1: phase A's encoder backbone is exactly the bc run's (every tensor the
+    feature extractor keeps), bit-identical after phases A and B; bad runs are clear errors."""
+    bc = tmp_path / "bc"
+    args = ["bc", "--dataset", str(demos), "--epochs", "1", "--output-dir", str(bc)]
+    assert main([*args, "--device", "cpu", "--val-fraction", "0.2", "--batch-size", "16"]) == 0
+    policy = load_checkpoint(bc / "policy.pt")["policy"]
+    trained = {
+        k.removeprefix("backbone."): v for k, v in policy.items() if k.startswith("backbone.")
+    }
+    args = ["--epochs", "1", "--encoder-from", bc, *TINY]
+    assert spatial(demos, tmp_path / "A", "A", *args) == 0
+    assert spatial(demos, tmp_path / "B", "B", "--epochs", "1", "--init-from", tmp_path / "A") == 0
+    for run in ("A", "B"):
+        encoder = part(load_checkpoint(tmp_path / run / "model.pt")["model"], "encoder.backbone.")
+        assert len(encoder) >= 6  # the conv layers up to the deepest level, weights and biases
+        for key, value in encoder.items():
+            assert torch.equal(value, trained[key.removeprefix("encoder.backbone.")]), (run, key)
+    capsys.readouterr()
+    assert spatial(demos, tmp_path / "X", "A", "--encoder-from", tmp_path / "nowhere") == 2
+    assert "--encoder-from" in (err := capsys.readouterr().err) and "no policy.pt" in err
+    assert spatial(demos, tmp_path / "X", "A", "--encoder-from", bc, "--backbone", "resnet18") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds a bc policy with backbone 'cnn'; expected a bc or act policy" in err
+    args = ["--encoder-from", bc, "--init-from", tmp_path / "A"]
+    assert spatial(demos, tmp_path / "X", "B", *args) == 2
+    assert "pass --encoder-from to phase A only" in capsys.readouterr().err

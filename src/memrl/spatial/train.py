@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 from torch import nn
 
 from memrl.data import load_episodes
@@ -79,6 +80,9 @@ class SpatialConfig(RunOptions):
     """Run directory of the previous phase (A for B; B or C for C); required for B and C."""
     backbone: Literal["cnn", "resnet18"] = "cnn"
     """Frozen vision backbone under the feature-pyramid neck."""
+    encoder_from: Path | None = None
+    """Phase A: take the frozen backbone's weights from this `memrl bc` or `memrl act` run (the
+    spec's Stage 1: a backbone trained on the task); later phases inherit them."""
     pretrained: bool | None = None
     """ImageNet weights for resnet18 from the local torch cache: None uses them when present."""
     channels: int = 128
@@ -149,10 +153,51 @@ def build_model(cfg: SpatialConfig, from_checkpoint: bool = False) -> SpatialMod
     )
 
 
+def trained_backbone(cfg: SpatialConfig) -> dict[str, torch.Tensor]:
+    """The backbone weights of the ``--encoder-from`` run (its ``policy.pt``), keyed as the
+    backbone's own state dict; checks that the run is a bc / act run with ``cfg.backbone``."""
+    run_dir = Path(cfg.encoder_from)
+    if not (run_dir / "policy.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"--encoder-from {run_dir}: no policy.pt and config.yaml there; expected the run "
+            "directory of a finished `memrl bc` or `memrl act` run"
+        )
+    payload = load_checkpoint(run_dir / "policy.pt")
+    backbone = yaml.safe_load((run_dir / "config.yaml").read_text()).get("backbone")
+    if payload.get("kind") not in ("bc", "act") or backbone != cfg.backbone:
+        raise ConfigError(
+            f"--encoder-from {run_dir} holds a {payload.get('kind')} policy with backbone "
+            f"{backbone!r}; expected a bc or act policy with backbone {cfg.backbone!r} "
+            f"(--backbone {cfg.backbone})"
+        )
+    prefix = "backbone."
+    return {k[len(prefix) :]: v for k, v in payload["policy"].items() if k.startswith(prefix)}
+
+
+def load_backbone(model: SpatialModel, weights: dict[str, torch.Tensor]) -> int:
+    """Copy a policy backbone's ``weights`` into the encoder's backbone: every tensor the
+    feature extractor kept (the layers up to its deepest level) must be there, with its shape;
+    the policy's pooling is not used. Returns the tensors copied."""
+    own = model.encoder.backbone.state_dict()
+    missing = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
+    if missing:
+        raise ConfigError(
+            f"--encoder-from: the run's backbone lacks {missing[:3]} (or their shapes differ); "
+            "expected the same architecture as the spatial encoder's backbone"
+        )
+    model.encoder.backbone.load_state_dict({k: weights[k] for k in own})
+    return len(own)
+
+
 def resolve_init(cfg: SpatialConfig) -> tuple[SpatialConfig, dict | None]:
     """Check the phase order and the ``--init-from`` run; returns the config with the previous
     run's architecture and that run's ``model.pt`` payload (None for a fresh phase A)."""
     allowed = " or ".join(PHASE_ORDER[cfg.phase])
+    if cfg.encoder_from is not None and cfg.init_from is not None:
+        raise ConfigError(
+            f"--encoder-from with --init-from {cfg.init_from}: a later phase inherits its "
+            "encoder from the run it starts from; pass --encoder-from to phase A only"
+        )
     if cfg.init_from is None:
         if cfg.phase != "A":
             raise ConfigError(
@@ -310,6 +355,7 @@ def _minibatches(
 def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     """Train one phase (module docstring); writes ``model.pt`` and ``summary.json``."""
     cfg, init = resolve_init(cfg)
+    encoder_weights = trained_backbone(cfg) if cfg.encoder_from is not None else None
     split = load_episodes(cfg.dataset, cfg.val_fraction, REQUIRED)
     try:
         task, _ = saved_task(
@@ -321,6 +367,8 @@ def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     run.check_budget(cfg.epochs, "--epochs")
     device = run.device
     model = build_model(cfg, from_checkpoint=init is not None or cfg.resume is not None)
+    if encoder_weights is not None:
+        load_backbone(model, encoder_weights)
     model.to(device)
     if init is not None:
         model.load_state_dict(init["model"])
