@@ -217,6 +217,9 @@ def test_act_has_the_seeds_sizes_and_predicts_a_chunk():
     assert raw.shape == (7, 5, 3) and raw.abs().max() <= 1
     with pytest.raises(ValueError, match="got 1 observations; this policy takes 2"):
         policy(images[:1], torch.randn(1, 5, 3))
+    light = ACTPolicy(ACTConfig(head_widths=(), d_model=64, heads=4, feedforward=128))
+    assert [type(m) for m in light.head] == [torch.nn.Linear, torch.nn.Tanh]  # the paper's head
+    assert light.head[0].in_features == 64 and light.eval()(images[:1], None).shape == (10, 5, 3)
 
 
 def test_sinusoidal_positions_match_the_formula():

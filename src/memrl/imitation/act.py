@@ -4,9 +4,10 @@ imitation spec).
 ``ACTPolicy``: each of the last ``obs_horizon`` images -> backbone -> Linear(D, d_model)
 [+ Linear(3, d_model) of the normalised gripper position] + sinusoidal positions -> transformer
 encoder (4 layers, 8 heads); ``chunk_size`` learnable action queries -> transformer decoder
-(4 layers, 8 heads, cross-attending to the encoded observations) -> MLP 512-2048-1024-3 (ReLU,
-dropout) with tanh: a chunk of the next ``chunk_size`` actions. Trained with the spec's
-magnitude-weighted Huber loss over the chunk (steps past the demonstration's end masked out).
+(4 layers, 8 heads, cross-attending to the encoded observations) -> MLP 512-2048-1024-3
+(ReLU, dropout; ``--head-widths``) with tanh: a chunk of the next ``chunk_size`` actions.
+Trained with the spec's magnitude-weighted Huber loss over the chunk (steps past the
+demonstration's end masked out; ``--loss l1`` for ACT's own).
 
 At evaluation (``memrl imitation-eval``) the policy is queried every ``chunk_size`` steps and its
 chunk executed open loop, or with ``--temporal-ensemble`` queried every step, and the action of
@@ -53,6 +54,9 @@ class ACTConfig(ImitationConfig):
     """Width of each transformer layer's feed-forward block."""
     dropout: float = 0.1
     """Dropout in the transformer and the action head."""
+    head_widths: tuple[int, ...] = (2048, 1024)
+    """Hidden widths of the action head's MLP (the spec's 2048, 1024; none: one Linear, as
+    the ACT paper's)."""
     lr: float = 1e-4
     """Adam learning rate of the transformer and heads (at BC's 1e-3 ACT does not learn)."""
     backbone_lr: float = 1e-3
@@ -68,6 +72,8 @@ class ACTConfig(ImitationConfig):
         for name in ("chunk_size", "obs_horizon", "d_model", "heads", "feedforward"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if any(w < 1 for w in self.head_widths):
+            raise ValueError(f"head_widths={self.head_widths}; expected positive integers")
         if self.encoder_layers < 1 or self.decoder_layers < 1:
             raise ValueError(
                 f"encoder_layers={self.encoder_layers}, decoder_layers={self.decoder_layers}; "
@@ -122,16 +128,11 @@ class ACTPolicy(ImitationPolicy):
             nn.TransformerDecoderLayer(**layer), cfg.decoder_layers
         )
         self.queries = nn.Parameter(torch.randn(cfg.chunk_size, d) * 0.02)
-        self.head = nn.Sequential(
-            nn.Linear(d, 2048),
-            nn.ReLU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(2048, 1024),
-            nn.ReLU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(1024, 3),
-            nn.Tanh(),
-        )
+        layers, width = [], d
+        for hidden in cfg.head_widths:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            width = hidden
+        self.head = nn.Sequential(*layers, nn.Linear(width, 3), nn.Tanh())
 
     def param_groups(self, cfg: ACTConfig) -> list[dict]:
         """The backbone at ``backbone_lr``, the rest at ``lr`` (as ACT's original code)."""
