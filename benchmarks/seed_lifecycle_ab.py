@@ -15,8 +15,9 @@ does, so every policy starts above it); cull precision (share of the agent's cul
 a counterfactual contribution <= 0 when culled, pooled over seeds and episodes); and the episode
 reward with the memory reset every K steps (a policy that uses its memory loses reward at small
 K; --core none cannot) -- and the episode reward, parameters added to the host by live seeds,
-and the policy's own parameter count. A "wait (no seeds)" row is the host trained alone on the
-same episodes. Writes ab.json, learning_curves.png and the markdown table into --out-dir.
+and the policy's own parameter count. Two scripted rows give the scale on the same episodes:
+the host trained alone (always WAIT) and "commit" (germinate norm, fossilise as soon as
+allowed). Writes ab.json, learning_curves.png and the markdown table into --out-dir.
 
 python benchmarks/seed_lifecycle_ab.py               # 5 seeds x 6 policies x 100k steps (~20 h)
 python benchmarks/seed_lifecycle_ab.py --seeds 0 1 2 --total-steps 20000
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from memrl.envs import make_vector_env, vector_env_seeds
+from memrl.envs.seed_lifecycle import Op
 from memrl.rl.agent import PPOAgent
 from memrl.rl.config import PPOConfig
 from memrl.rl.evaluate import evaluate_episodes
@@ -111,13 +113,30 @@ def evaluate_cell(args: argparse.Namespace, cfg: PPOConfig) -> dict:
     return result
 
 
-def wait_episodes(args: argparse.Namespace) -> list[dict[str, float]]:
-    """The host trained alone (always WAIT) on the held-out episodes."""
+def wait(masks: np.ndarray) -> np.ndarray:
+    """The host trained alone: always WAIT."""
+    return np.zeros((len(masks), 2), dtype=np.int64)
+
+
+def commit(masks: np.ndarray) -> np.ndarray:
+    """GERMINATE the first blueprint (norm) when allowed, FOSSILIZE as soon as allowed: the
+    best scripted controller of the reward's ordering test."""
+    ops = np.where(
+        masks[:, Op.FOSSILIZE],
+        Op.FOSSILIZE,
+        np.where(masks[:, Op.GERMINATE], Op.GERMINATE, Op.WAIT),
+    )
+    return np.stack([ops, np.zeros_like(ops)], 1).astype(np.int64)
+
+
+def scripted_episodes(args: argparse.Namespace, policy) -> list[dict[str, float]]:
+    """A scripted controller, ``policy(action masks (N, 9)) -> actions (N, 2)``, on the
+    held-out episodes."""
     envs = make_vector_env(ENV, min(args.episodes, 16), args.eval_seed, autoreset_mode="same_step")
-    envs.reset(seed=vector_env_seeds(args.eval_seed, envs.num_envs))
+    _, info = envs.reset(seed=vector_env_seeds(args.eval_seed, envs.num_envs))
     returns, found = np.zeros(envs.num_envs), []
     while len(found) < args.episodes:
-        _, reward, done, _, info = envs.step(np.zeros((envs.num_envs, 2), dtype=np.int64))
+        _, reward, done, _, info = envs.step(policy(info["action_mask"]))
         returns += reward
         stats = info.get("final_info", {}).get("episode", {})
         for i in np.flatnonzero(done):
@@ -195,14 +214,15 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, str], list[dict]]) -
             "params added": f"{statistics.mean(per_seed('params_added')):,.0f}",
             "policy params": f"{runs[0]['policy_params']:,}",
         })  # fmt: skip
-    wait = wait_episodes(args)
-    rows.append({
-        "obs_mode": "–",
-        "policy": "wait (no seeds)",
-        "final host acc": mean_std([statistics.mean(e["final_val_acc"] for e in wait)]),
-        "episode reward": mean_std([statistics.mean(e["return"] for e in wait)]),
-        "params added": "0",
-    })  # fmt: skip
+    for name, policy in (("scripted: wait (host alone)", wait), ("scripted: commit", commit)):
+        played = scripted_episodes(args, policy)
+        rows.append({
+            "obs_mode": "–",
+            "policy": name,
+            "final host acc": mean_std([statistics.mean(e["final_val_acc"] for e in played)]),
+            "episode reward": mean_std([statistics.mean(e["return"] for e in played)]),
+            "params added": f"{statistics.mean(e['params_added'] for e in played):,.0f}",
+        })  # fmt: skip
     plot_curves(cells, target, args.out_dir / "learning_curves.png")
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
