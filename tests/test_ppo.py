@@ -103,7 +103,7 @@ def _rollout(core: str, steps: int = 32, burn_in: int = 0, split_episodes: bool 
     return agent, buffer, initial
 
 
-@pytest.mark.parametrize("core", ["gru", "lstm", "s4d"])
+@pytest.mark.parametrize("core", ["gru", "lstm", "s4d", "mingru", "minlstm"])
 def test_stored_state_is_the_state_the_policy_had(core):
     agent, buffer, initial = _rollout(core)
     assert buffer.is_first[1:].any(), "the rollout should cross episode starts"
@@ -121,7 +121,7 @@ def test_stored_state_is_the_state_the_policy_had(core):
 @pytest.mark.parametrize(
     ("core", "burn_in", "split"),
     [("gru", 0, False), ("lstm", 0, False), ("lstm", 3, False), ("gru", 8, False),
-     ("lstm", 0, True), ("gru", 3, True)],
+     ("lstm", 0, True), ("gru", 3, True), ("mingru", 3, False), ("minlstm", 0, True)],
 )  # fmt: skip
 def test_training_sees_what_acting_saw(core, burn_in, split):
     """Minibatches of sequences started from stored states (or burned in from the states B

@@ -11,13 +11,12 @@ inside windows through ``is_first`` — the whole core protocol in one small loo
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from memrl.cores import detach_state, make_core
+from memrl.cores import VectorCoreName, detach_state, make_core
 from memrl.runs import Run, RunOptions, distributed
 
 
@@ -27,7 +26,7 @@ class RecallConfig(RunOptions):
 
     RESUME_FLAGS = (*RunOptions.RESUME_FLAGS, "steps", "log_interval", "checkpoint_interval")
 
-    core: Literal["none", "gru", "lstm", "s4d"] = "gru"
+    core: VectorCoreName = "gru"
     """Memory core (none = the memoryless baseline)."""
     num_symbols: int = 4
     """Alphabet size K."""

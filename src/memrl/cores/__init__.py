@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from memrl.cores.base import Core, State
 from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
 from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore, unroll_together
 from memrl.cores.s4d import S4DCore
+from memrl.cores.scan import MinGRUCore, MinLSTMCore, linear_scan
 from memrl.cores.state import cat_states, detach_state, select_state, state_to, zero_state_where
 
 CORES: dict[str, type[Core]] = {
@@ -20,18 +21,22 @@ CORES: dict[str, type[Core]] = {
     "gru": GRUCore,
     "lstm": LSTMCore,
     "s4d": S4DCore,
+    "mingru": MinGRUCore,
+    "minlstm": MinLSTMCore,
     "conv_gru": ConvGRUCore,
     "conv_lstm": ConvLSTMCore,
 }
 CONV_CORES = ("conv_gru", "conv_lstm")
+VectorCoreName = Literal["none", "gru", "lstm", "s4d", "mingru", "minlstm"]
+"""The cores over feature vectors, as a type for a config's ``core`` option."""
 
 
 def make_core(name: str, **kwargs: Any) -> Core:
-    """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d`` (vector: ``input_size``,
-    ``hidden_size``, ``num_layers``) or ``conv_gru``, ``conv_lstm`` (``input_channels``,
-    ``hidden_channels``, ``spatial_size``, ``kernel_size``, ``num_layers``). Extra options (e.g.
-    ``layer_norm`` for gru/lstm, ``state_size``/``init`` for s4d) go to the core's constructor;
-    an unknown one is a TypeError naming it."""
+    """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d``, ``mingru``, ``minlstm``
+    (vector: ``input_size``, ``hidden_size``, ``num_layers``) or ``conv_gru``, ``conv_lstm``
+    (``input_channels``, ``hidden_channels``, ``spatial_size``, ``kernel_size``,
+    ``num_layers``). Extra options (e.g. ``layer_norm`` for gru/lstm, ``state_size``/``init``
+    for s4d) go to the core's constructor; an unknown one is a TypeError naming it."""
     if name not in CORES:
         raise ValueError(f"unknown core {name!r}; expected one of {', '.join(CORES)}")
     try:
@@ -43,16 +48,20 @@ def make_core(name: str, **kwargs: Any) -> Core:
 __all__ = [
     "CORES",
     "CONV_CORES",
+    "VectorCoreName",
     "Core",
     "State",
     "ConvGRUCore",
     "ConvLSTMCore",
     "GRUCore",
     "LSTMCore",
+    "MinGRUCore",
+    "MinLSTMCore",
     "NoMemoryCore",
     "S4DCore",
     "cat_states",
     "detach_state",
+    "linear_scan",
     "make_core",
     "select_state",
     "state_to",

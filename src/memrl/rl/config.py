@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import tyro
 import yaml
 
+from memrl.cores import VectorCoreName
 from memrl.runs import RunOptions
 
 
@@ -23,7 +24,7 @@ class PPOConfig(RunOptions):
     ] = ()
     """Keyword arguments of the environment's constructor, each KEY=VALUE with the VALUE read as
     YAML, e.g. obs_mode=rich max_epochs=10 for memrl/SeedLifecycle."""
-    core: Literal["none", "gru", "lstm", "s4d"] = "gru"
+    core: VectorCoreName = "gru"
     """Memory core (none = the feed-forward baseline on the same code path)."""
     num_envs: int = 16
     """Parallel environments."""

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from memrl.cores import VectorCoreName
 from memrl.rl.config import PPOConfig
 from memrl.rl.ppo import train_ppo
 from memrl.runs import write_json
@@ -19,7 +20,7 @@ class DemoConfig:
 
     env: str = "popgym/RepeatPreviousEasy"
     """Environment (RepeatPreviousEasy: repeat the card seen 4 steps ago; random -0.5, best 1)."""
-    cores: tuple[Literal["none", "gru", "lstm", "s4d"], ...] = ("gru", "none")
+    cores: tuple[VectorCoreName, ...] = ("gru", "none")
     """Cores to compare (none = feed-forward)."""
     total_steps: int = 500_000
     """Environment steps per core."""

@@ -1,0 +1,126 @@
+"""The resettable linear scan, and the cores whose recurrence is one: minGRU and minLSTM.
+
+A linear recurrence ``h_t = a_t * h_{t-1} + b_t`` (elementwise) is what minGRU, minLSTM, LRU,
+S5 and Mamba share. An episode start at t cuts the carry: ``a_t = 0``, so ``h_t = b_t`` whatever
+came before -- memrl's exact reset. ``linear_scan`` runs it as a custom autograd Function: the
+forward is one fused multiply-add per step into a preallocated output, and the backward is the
+same recurrence run in reverse (``g_t = dL/dh_t + a_{t+1} g_{t+1}``; then ``dL/db_t = g_t``,
+``dL/da_t = g_t h_{t-1}``, ``dL/dh_0 = a_0 g_0``), a few passes over (T, B, H) instead of
+hundreds of small autograd nodes (see the memory-zoo note for the measurements).
+
+minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?"): the gates depend on the
+input only, so the recurrence is linear in h and trains as a scan:
+
+  minGRU   z = sigmoid(W_z x),  h~ = W_h x,  h_t = (1 - z) h_{t-1} + z h~
+  minLSTM  f = sigmoid(W_f x),  i = sigmoid(W_i x),  f' = f / (f + i),  i' = i / (f + i),
+           h~ = W_h x,  h_t = f' h_{t-1} + i' h~
+
+Layers stack (layer l's output is layer l + 1's input); the state is ``(h,)`` with h (B,
+num_layers, H); the output is the last layer's h. The paper's log-space scan needs positive
+values (its ``g`` activation); here the scan runs in linear space, so h~ is the plain
+projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memrl.cores.base import Core, State, check_positive
+
+
+class _LinearScan(torch.autograd.Function):
+    """``h_t = a_t * h_{t-1} + b_t`` over t: a, b (T, B, H), h0 (B, H) -> h (T, B, H)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        h = torch.empty_like(b)
+        previous = h0
+        for t in range(b.shape[0]):
+            previous = torch.addcmul(b[t], a[t], previous, out=h[t])
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        a, h, h0 = ctx.saved_tensors
+        grad_b = torch.empty_like(grad_h)
+        carry = torch.zeros_like(h0)
+        for t in range(grad_h.shape[0] - 1, -1, -1):
+            g = torch.add(grad_h[t], carry, out=grad_b[t])
+            carry = a[t] * g
+        before = torch.cat([h0.unsqueeze(0), h[:-1]])  # h_{t-1}
+        return grad_b * before, grad_b, carry
+
+
+def linear_scan(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, is_first: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every ``h_t = a_t * h_{t-1} + b_t`` from ``h0``: a, b (T, B, ...), h0 (B, ...); where
+    ``is_first`` (T, B) is true the carry is cut (``a_t = 0``), so ``h_t = b_t``."""
+    if is_first is not None:
+        keep = (~is_first).to(a.dtype).view(*is_first.shape, *([1] * (a.dim() - 2)))
+        a = a * keep
+    if b.shape[0] == 0:
+        return b.clone()
+    return _LinearScan.apply(a.contiguous(), b.contiguous(), h0.contiguous())
+
+
+class _MinRNNCore(Core):
+    """Shared by minGRU and minLSTM: per layer one input projection to the gates and the
+    candidate, then :func:`linear_scan`."""
+
+    _gates: int  # gate projections besides the candidate
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
+        super().__init__()
+        check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.layers = nn.ModuleList(
+            nn.Linear(input_size if k == 0 else hidden_size, (self._gates + 1) * hidden_size)
+            for k in range(num_layers)
+        )
+        self.feature_shape = (input_size,)
+        self.output_shape = (hidden_size,)
+        self.state_shapes = ((num_layers, hidden_size),)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def _coefficients(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of the scan from one layer's projection (T, B, (gates + 1) H)."""
+        raise NotImplementedError
+
+    def _unroll(
+        self, x: torch.Tensor, state: State, is_first: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        finals = []
+        for k, layer in enumerate(self.layers):
+            a, b = self._coefficients(layer(x))
+            x = linear_scan(a, b, state[0][:, k], is_first)
+            finals.append(x[-1] if x.shape[0] else state[0][:, k])
+        return x, (torch.stack(finals, 1),)
+
+
+class MinGRUCore(_MinRNNCore):
+    """minGRU (module docstring): ``h_t = (1 - z) h_{t-1} + z W_h x``, z = sigmoid(W_z x)."""
+
+    _gates = 1
+
+    def _coefficients(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, candidate = projected.chunk(2, -1)
+        z = torch.sigmoid(gate)
+        return 1 - z, z * candidate
+
+
+class MinLSTMCore(_MinRNNCore):
+    """minLSTM (module docstring): forget and input gates normalised to sum to one."""
+
+    _gates = 2
+
+    def _coefficients(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, i, candidate = projected.chunk(3, -1)
+        # f / (f + i) with f = sigmoid(u), i = sigmoid(v), in a form that cannot overflow
+        forget = torch.sigmoid(nn.functional.logsigmoid(f) - nn.functional.logsigmoid(i))
+        return forget, (1 - forget) * candidate
