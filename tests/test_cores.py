@@ -464,7 +464,8 @@ def test_bad_inputs_fail_with_clear_messages(name):
 
 def test_make_core_errors_name_the_bad_value():
     with pytest.raises(
-        ValueError, match="'transformer'.*none, gru, lstm, s4d, mingru, minlstm, conv_gru, conv_lstm"
+        ValueError,
+        match="'transformer'.*none, gru, lstm, s4d, mingru, minlstm, conv_gru, conv_lstm",
     ):
         make_core("transformer", input_size=2, hidden_size=3)
     with pytest.raises(TypeError, match="make_core\\('gru'.*hidden_size"):

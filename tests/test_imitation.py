@@ -24,6 +24,7 @@ from memrl.imitation.evaluate import ChunkController, wilson_interval
 from memrl.imitation.trainer import cosine_factor, make_optimizer, random_shift
 from memrl.nn.backbones import make_backbone
 from memrl.nn.losses import weighted_huber
+from memrl.runs import load_config
 
 
 def test_spherical_round_trip_including_near_zero_magnitude():
@@ -354,3 +355,14 @@ def test_l1_loss_is_the_mean_absolute_error_over_valid_steps():
     assert policy.loss(raw, batch).item() == pytest.approx((0.0 + 2 / 3) / 2)
     with pytest.raises(ValueError, match="--loss l1 with --use-spherical"):
         BCConfig(loss="l1", use_spherical=True)
+
+
+def test_a_config_saved_before_the_cosine_default_loads_with_the_plateau_schedule(tmp_path):
+    """Run directories of earlier versions name lr_patience but no schedule: they trained with
+    Adam and the plateau schedule, and still evaluate and resume as such."""
+    path = tmp_path / "config.yaml"
+    path.write_text("epochs: 20\nlr_patience: 2\nweight_decay: 0.0001\n")
+    cfg = load_config(BCConfig, path)
+    assert (cfg.optimizer, cfg.schedule, cfg.lr_patience) == ("adam", "plateau", 2)
+    path.write_text("epochs: 20\n")
+    assert load_config(BCConfig, path).schedule == "cosine"

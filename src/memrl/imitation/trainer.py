@@ -79,6 +79,14 @@ class ImitationConfig(RunOptions):
     """Train under bfloat16 autocast (weights, optimiser and loss stay float32); pays on CPUs
     with AMX or AVX-512 BF16 and on recent GPUs."""
 
+    @staticmethod
+    def upgrade_saved(data: dict) -> dict:
+        """A config that names ``lr_patience`` but no ``schedule`` predates the cosine default
+        (or means the plateau schedule): it trained with the spec's Adam and plateau."""
+        if "lr_patience" in data and "schedule" not in data:
+            return {"optimizer": "adam", "schedule": "plateau", **data}
+        return data
+
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:

@@ -105,6 +105,9 @@ def load_config(cls: type[T], path: str | Path) -> T:
         data = {}
     if isinstance(data, dict):  # written by an older memrl: a config never names its run
         data = {k: v for k, v in data.items() if k not in RUN_LOCAL}
+        upgrade = getattr(cls, "upgrade_saved", None)  # a config class's older files
+        if upgrade is not None:
+            data = upgrade(data)
     try:
         return from_dict(cls, data)
     except ConfigError as err:
