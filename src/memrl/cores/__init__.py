@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from memrl.cores.attention import LinearAttentionCore
 from memrl.cores.base import Core, State
 from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
 from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore, unroll_together
@@ -23,20 +24,22 @@ CORES: dict[str, type[Core]] = {
     "s4d": S4DCore,
     "mingru": MinGRUCore,
     "minlstm": MinLSTMCore,
+    "linear_attention": LinearAttentionCore,
     "conv_gru": ConvGRUCore,
     "conv_lstm": ConvLSTMCore,
 }
 CONV_CORES = ("conv_gru", "conv_lstm")
-VectorCoreName = Literal["none", "gru", "lstm", "s4d", "mingru", "minlstm"]
+VectorCoreName = Literal["none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention"]
 """The cores over feature vectors, as a type for a config's ``core`` option."""
 
 
 def make_core(name: str, **kwargs: Any) -> Core:
-    """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d``, ``mingru``, ``minlstm``
-    (vector: ``input_size``, ``hidden_size``, ``num_layers``) or ``conv_gru``, ``conv_lstm``
-    (``input_channels``, ``hidden_channels``, ``spatial_size``, ``kernel_size``,
-    ``num_layers``). Extra options (e.g. ``layer_norm`` for gru/lstm, ``state_size``/``init``
-    for s4d) go to the core's constructor; an unknown one is a TypeError naming it."""
+    """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d``, ``mingru``, ``minlstm``,
+    ``linear_attention`` (vector: ``input_size``, ``hidden_size``, ``num_layers``) or
+    ``conv_gru``, ``conv_lstm`` (``input_channels``, ``hidden_channels``, ``spatial_size``,
+    ``kernel_size``, ``num_layers``). Extra options (e.g. ``layer_norm`` for gru/lstm,
+    ``state_size``/``init`` for s4d) go to the core's constructor; an unknown one is a
+    TypeError naming it."""
     if name not in CORES:
         raise ValueError(f"unknown core {name!r}; expected one of {', '.join(CORES)}")
     try:
@@ -55,6 +58,7 @@ __all__ = [
     "ConvLSTMCore",
     "GRUCore",
     "LSTMCore",
+    "LinearAttentionCore",
     "MinGRUCore",
     "MinLSTMCore",
     "NoMemoryCore",

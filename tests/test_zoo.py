@@ -1,5 +1,6 @@
-"""The resettable linear scan and the cores built on it (minGRU, minLSTM): values and gradients
-against plain step-by-step references, episode resets, the paper's equations by hand."""
+"""The memory zoo's cores against plain step-by-step references of their papers' equations
+(values and gradients, with episode resets): the resettable linear scan, minGRU, minLSTM and
+causal linear attention."""
 
 from __future__ import annotations
 
@@ -91,6 +92,53 @@ def test_min_rnn_cores_compute_the_papers_equations(kind):
     want_y, want_final = min_rnn_reference(core, x, state, is_first, kind)
     torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, want_final, rtol=1e-10, atol=1e-10)
+    params = [x, *core.parameters()]
+    grads = torch.autograd.grad(y.square().sum(), params)
+    expected = torch.autograd.grad(want_y.square().sum(), params)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+def linear_attention_reference(core, x, state, is_first):
+    """S_t = S_{t-1} + phi(k) v^T, z_t = z_{t-1} + phi(k), y = W_o(S^T phi(q) / (z.phi(q))),
+    restarted from zero at episode starts, one step at a time."""
+    phi = lambda u: torch.nn.functional.elu(u) + 1  # noqa: E731
+    finals_s, finals_z = [], []
+    for k, (qkv, out) in enumerate(zip(core.qkv, core.out, strict=True)):
+        s, z, ys = state[0][:, k], state[1][:, k], []
+        for t in range(x.shape[0]):
+            fresh = is_first[t]
+            s = torch.where(fresh[:, None, None], torch.zeros_like(s), s)
+            z = torch.where(fresh[:, None], torch.zeros_like(z), z)
+            q, key, v = qkv(x[t]).chunk(3, -1)
+            q, key = phi(q), phi(key)
+            s = s + key[:, :, None] * v[:, None, :]
+            z = z + key
+            numerator = torch.einsum("bh,bhg->bg", q, s)
+            ys.append(out(numerator / ((q * z).sum(-1, keepdim=True) + 1e-6)))
+        x = torch.stack(ys)
+        finals_s.append(s)
+        finals_z.append(z)
+    return x, torch.stack(finals_s, 1), torch.stack(finals_z, 1)
+
+
+@pytest.mark.parametrize("reset_at_zero", [False, True])
+def test_linear_attention_parallel_form_equals_the_recurrence(reset_at_zero):
+    torch.manual_seed(0)
+    core = make_core("linear_attention", input_size=3, hidden_size=4, num_layers=2).double()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    state = (
+        torch.rand(3, 2, 4, 4, generator=gen, dtype=torch.float64),  # a plausible state:
+        torch.rand(3, 2, 4, generator=gen, dtype=torch.float64) + 1,  # positive sums
+    )
+    is_first = torch.rand(8, 3, generator=gen) < 0.25
+    is_first[0] = reset_at_zero
+    is_first[:, 2] = False  # one env never resets: its incoming state runs through the window
+    y, (s, z) = core(x, state, is_first)
+    want_y, want_s, want_z = linear_attention_reference(core, x, state, is_first)
+    for got, want in ((y, want_y), (s, want_s), (z, want_z)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     params = [x, *core.parameters()]
     grads = torch.autograd.grad(y.square().sum(), params)
     expected = torch.autograd.grad(want_y.square().sum(), params)
