@@ -103,7 +103,7 @@ def _rollout(core: str, steps: int = 32, burn_in: int = 0, split_episodes: bool 
     return agent, buffer, initial
 
 
-@pytest.mark.parametrize("core", ["gru", "lstm", "s4d", "mingru", "minlstm"])
+@pytest.mark.parametrize("core", ["gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention"])
 def test_stored_state_is_the_state_the_policy_had(core):
     agent, buffer, initial = _rollout(core)
     assert buffer.is_first[1:].any(), "the rollout should cross episode starts"
@@ -115,7 +115,9 @@ def test_stored_state_is_the_state_the_policy_had(core):
             ):
                 torch.testing.assert_close(stored, replayed, rtol=0, atol=1e-6)
             _, _, state = agent.policy(buffer.obs[t : t + 1], state, buffer.is_first[t : t + 1])
-    assert len(buffer.states) == (2 if core == "lstm" else 1)  # (h, c) for the LSTM
+    assert len(buffer.states) == (
+        2 if core in ("lstm", "linear_attention") else 1
+    )  # (h, c), (S, z)
 
 
 @pytest.mark.parametrize(
