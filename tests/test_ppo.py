@@ -103,7 +103,9 @@ def _rollout(core: str, steps: int = 32, burn_in: int = 0, split_episodes: bool 
     return agent, buffer, initial
 
 
-@pytest.mark.parametrize("core", ["gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention"])
+@pytest.mark.parametrize(
+    "core", ["gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru"]
+)
 def test_stored_state_is_the_state_the_policy_had(core):
     agent, buffer, initial = _rollout(core)
     assert buffer.is_first[1:].any(), "the rollout should cross episode starts"

@@ -144,3 +144,60 @@ def test_linear_attention_parallel_form_equals_the_recurrence(reset_at_zero):
     expected = torch.autograd.grad(want_y.square().sum(), params)
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+def test_complex_linear_scan_passes_gradcheck():
+    """The LRU's scan: complex a, b and h0, autograd's conjugate convention in the backward."""
+    gen = torch.Generator().manual_seed(3)
+
+    def complex_leaf(*shape):
+        parts = torch.randn(*shape, 2, generator=gen, dtype=torch.float64) * 0.6
+        return torch.view_as_complex(parts).requires_grad_()
+
+    a, b, h0 = complex_leaf(4, 2, 3), complex_leaf(4, 2, 3), complex_leaf(2, 3)
+    is_first = torch.tensor([[False, False], [True, False], [False, False], [False, True]])
+    got = linear_scan(a, b, h0, is_first)
+    torch.testing.assert_close(got, scan_reference(a, b, h0, is_first), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, is_first), (a, b, h0))
+
+
+def lru_reference(core, x, state, is_first):
+    """The LRU paper's recurrence one step at a time, in complex arithmetic."""
+    u, lam, finals = core.encoder(x), core.lambdas(), []
+    for k in range(core.num_layers):
+        b = torch.view_as_complex(core.b[k].contiguous())
+        c = torch.view_as_complex(core.c[k].contiguous())
+        gamma = torch.exp(core.gamma_log[k])
+        modes, ys = torch.view_as_complex(state[0][:, k].contiguous()), []
+        for t in range(x.shape[0]):
+            modes = torch.where(is_first[t][:, None], torch.zeros_like(modes), modes)
+            modes = lam[k] * modes + gamma * (u[t].to(b.dtype) @ b.t())
+            ys.append((modes @ c.t()).real + core.d[k] * u[t])
+        y = torch.stack(ys)
+        u = core.norms[k](u + core.mix[k](torch.nn.functional.gelu(y)))
+        finals.append(torch.view_as_real(modes))
+    return u, torch.stack(finals, 1)
+
+
+def test_lru_equals_its_recurrence_and_starts_stable_on_the_ring():
+    torch.manual_seed(0)
+    core = make_core("lru", input_size=3, hidden_size=4, num_layers=2, state_size=6).double()
+    radius = core.lambdas().abs()
+    assert bool((radius <= 0.99 + 1e-9).all()) and bool((radius >= 0).all())
+    # gamma normalises each mode's input: gamma^2 = 1 - |lambda|^2 at initialisation
+    torch.testing.assert_close(torch.exp(2 * core.gamma_log), 1 - radius**2)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(3, 2, 6, 2, generator=gen, dtype=torch.float64),)
+    is_first = torch.rand(7, 3, generator=gen) < 0.25
+    y, (final,) = core(x, state, is_first)
+    want_y, want_final = lru_reference(core, x, state, is_first)
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, want_final, rtol=1e-10, atol=1e-10)
+    params = [x, *core.parameters()]
+    grads = torch.autograd.grad(y.square().sum(), params)
+    expected = torch.autograd.grad(want_y.square().sum(), params)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="r_max=1.0"):
+        make_core("lru", input_size=3, hidden_size=4, r_max=1.0)

@@ -1,4 +1,4 @@
-"""The resettable linear scan, and the cores whose recurrence is one: minGRU and minLSTM.
+"""The resettable linear scan, and the cores whose recurrence is one: minGRU, minLSTM, LRU.
 
 A linear recurrence ``h_t = a_t * h_{t-1} + b_t`` (elementwise) is what minGRU, minLSTM, LRU,
 S5 and Mamba share. An episode start at t cuts the carry: ``a_t = 0``, so ``h_t = b_t`` whatever
@@ -46,20 +46,21 @@ class _LinearScan(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         grad_b = torch.empty_like(grad_h)
         carry = torch.zeros_like(h0)
+        a_conj = a.conj()  # complex scans (LRU): autograd's conjugate convention
         for t in range(grad_h.shape[0] - 1, -1, -1):
             g = torch.add(grad_h[t], carry, out=grad_b[t])
-            carry = a[t] * g
+            carry = a_conj[t] * g
         before = torch.cat([h0.unsqueeze(0), h[:-1]])  # h_{t-1}
-        return grad_b * before, grad_b, carry
+        return grad_b * before.conj(), grad_b, carry
 
 
 def linear_scan(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, is_first: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Every ``h_t = a_t * h_{t-1} + b_t`` from ``h0``: a, b (T, B, ...), h0 (B, ...); where
-    ``is_first`` (T, B) is true the carry is cut (``a_t = 0``), so ``h_t = b_t``."""
+    """Every ``h_t = a_t * h_{t-1} + b_t`` from ``h0``: a, b (T, B, ...), h0 (B, ...), real or
+    complex; where ``is_first`` (T, B) is true the carry is cut (``a_t = 0``), so ``h_t = b_t``."""
     if is_first is not None:
-        keep = (~is_first).to(a.dtype).view(*is_first.shape, *([1] * (a.dim() - 2)))
+        keep = (~is_first).to(a.real.dtype).view(*is_first.shape, *([1] * (a.dim() - 2)))
         a = a * keep
     if b.shape[0] == 0:
         return b.clone()
@@ -124,3 +125,80 @@ class MinLSTMCore(_MinRNNCore):
         # f / (f + i) with f = sigmoid(u), i = sigmoid(v), in a form that cannot overflow
         forget = torch.sigmoid(nn.functional.logsigmoid(f) - nn.functional.logsigmoid(i))
         return forget, (1 - forget) * candidate
+
+
+class LRUCore(Core):
+    """The Linear Recurrent Unit (Orvieto et al. 2023, "Resurrecting Recurrent Neural Networks
+    for Long Sequences"): input Linear(F, H), then ``num_layers`` blocks of
+
+      x_t = lambda * x_{t-1} + gamma * (B u_t)     (N complex modes, diagonal lambda)
+      y_t = Re(C x_t) + D * u_t,    block output LayerNorm(u + W GELU(y))
+
+    with ``lambda = exp(-exp(nu) + i exp(theta))`` (|lambda| < 1 for any parameters: stable),
+    initialised uniformly on the ring ``r_min <= |lambda| <= r_max``, phase in ``[0,
+    max_phase]``, and ``gamma = sqrt(1 - |lambda|^2)`` normalising each mode's input. The
+    recurrence runs as the complex :func:`linear_scan`. State: the modes as real pairs, (B,
+    num_layers, N, 2)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        state_size: int | None = None,
+        r_min: float = 0.0,
+        r_max: float = 0.99,
+        max_phase: float = 6.28,
+    ) -> None:
+        super().__init__()
+        state_size = hidden_size if state_size is None else state_size
+        check_positive(
+            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
+            state_size=state_size,
+        )  # fmt: skip
+        if not 0 <= r_min < r_max < 1 or not max_phase > 0:
+            raise ValueError(
+                f"r_min={r_min}, r_max={r_max}, max_phase={max_phase}; expected "
+                "0 <= r_min < r_max < 1 and max_phase > 0"
+            )
+        self.hidden_size, self.num_layers, self.state_size = hidden_size, num_layers, state_size
+        self.encoder = nn.Linear(input_size, hidden_size)
+        H, N = hidden_size, state_size
+        u1, u2 = torch.rand(num_layers, N), torch.rand(num_layers, N)
+        radius = torch.sqrt(u1 * (r_max**2 - r_min**2) + r_min**2)  # uniform on the ring
+        self.nu_log = nn.Parameter(torch.log(-torch.log(radius)))
+        self.theta_log = nn.Parameter(torch.log(max_phase * u2))
+        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - radius**2)))
+        self.b = nn.Parameter(torch.randn(num_layers, N, H, 2) / (2 * H) ** 0.5)
+        self.c = nn.Parameter(torch.randn(num_layers, H, N, 2) / N**0.5)
+        self.d = nn.Parameter(torch.randn(num_layers, H))
+        self.mix = nn.ModuleList(nn.Linear(H, H) for _ in range(num_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(H) for _ in range(num_layers))
+        self.feature_shape = (input_size,)
+        self.output_shape = (hidden_size,)
+        self.state_shapes = ((num_layers, state_size, 2),)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def lambdas(self) -> torch.Tensor:
+        """(num_layers, N) complex: ``exp(-exp(nu) + i exp(theta))``."""
+        return torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))
+
+    def _unroll(
+        self, x: torch.Tensor, state: State, is_first: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            return x.new_zeros(*x.shape[:2], self.hidden_size), state
+        u, lam, finals = self.encoder(x), self.lambdas(), []
+        for k in range(self.num_layers):
+            b = torch.view_as_complex(self.b[k].contiguous())  # (N, H)
+            c = torch.view_as_complex(self.c[k].contiguous())  # (H, N)
+            drive = torch.exp(self.gamma_log[k]) * (u.to(b.dtype) @ b.t())  # (T, B, N)
+            x0 = torch.view_as_complex(state[0][:, k].contiguous())  # (B, N)
+            modes = linear_scan(lam[k].expand_as(drive), drive, x0, is_first)
+            y = (modes @ c.t()).real + self.d[k] * u
+            u = self.norms[k](u + self.mix[k](torch.nn.functional.gelu(y)))
+            finals.append(torch.view_as_real(modes[-1]))
+        return u, (torch.stack(finals, 1),)
