@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "train a core to recall an episode's first symbol (the smallest memory job)"),
     "ppo": ("memrl.rl.ppo", "PPOConfig", "train_ppo",
             "recurrent PPO on a POPGym, gymnasium or module:Class environment"),
+    "board": ("memrl.rl.board", "BoardConfig", "run_board",
+              "rank memory cores on POPGym: a resumable grid of ppo runs, a table and a heatmap"),
     "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval",
                  "evaluate a PPO run, optionally resetting its memory every K steps"),
     "rssm": ("memrl.world_model.train", "RSSMTrainConfig", "train_rssm",
