@@ -14,8 +14,9 @@ LSTM and GRU, T=128, B=64, input 64, hidden 128, resets Bernoulli(1/32) per step
 All methods run in one process, interleaved, so load on a shared machine hits them alike; the
 table gives medians and the ratio peer / memrl. ``--alternatives`` adds the other exact ways
 memrl could unroll on CPU (its packed-sequence path, used on CUDA, and a plain-autograd cell
-loop). Then ConvGRU: step latency on a 128x14x14 map at batch 1 (K=128, kernel 3) and a
-training unroll.
+loop). Then the memory zoo: every vector core of memrl through its protocol, a training
+unroll (forward + backward, ratio to memrl's GRU) and a batch-1 inference step. Then ConvGRU:
+step latency on a 128x14x14 map at batch 1 (K=128, kernel 3) and a training unroll.
 """
 
 from __future__ import annotations
@@ -188,6 +189,33 @@ def conv_gru_timings(repeats: int, T: int, B: int) -> tuple[float, float, float]
     return step_ms, t["train"], t["fwd"]
 
 
+ZOO = ("gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru")
+
+
+def zoo_cases(T: int, B: int, F: int, H: int) -> dict[str, Callable[[], object]]:
+    """memrl's vector cores through the protocol: forward + backward of a training unroll, and
+    (``<name> step``) one inference step at batch 1."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, F, generator=gen)
+    is_first = torch.rand(T, B, generator=gen) < 1 / 32
+    x1, first1 = torch.randn(1, F, generator=gen), torch.zeros(1, dtype=torch.bool)
+    cases = {}
+    for name in ZOO:
+        core = make_core(name, input_size=F, hidden_size=H)
+        state1 = core.initial_state(1)
+
+        def train(core=core) -> None:
+            y, _ = core(x, core.initial_state(B), is_first)
+            y.sum().backward()
+
+        def step(core=core, state1=state1) -> None:
+            with torch.inference_mode():
+                core.step(x1, state1, first1)
+
+        cases[name], cases[f"{name} step"] = train, step
+    return cases
+
+
 def keep_freed_memory() -> None:
     """glibc: serve blocks up to 1 GiB from the heap and never trim it, so freed buffers are
     reused instead of coming back as fresh pages (a page fault per 4 KiB on first touch)."""
@@ -214,6 +242,7 @@ def main() -> None:
         help="glibc mallopt so that big freed buffers are reused without page faults",
     )
     parser.add_argument("--skip-conv", action="store_true", help="leave out the ConvGRU timings")
+    parser.add_argument("--skip-zoo", action="store_true", help="leave out the memory zoo rows")
     parser.add_argument("--conv-T", type=int, default=16, help="ConvGRU training unroll length")
     parser.add_argument("--conv-B", type=int, default=4, help="ConvGRU training batch")
     args = parser.parse_args()
@@ -241,6 +270,17 @@ def main() -> None:
         for name in names:
             ms = medians[f"{k}|{name}"]
             print(f"| {name} | {ms:.1f} | {ms / ours:.2f} |")
+    if not args.skip_zoo:
+        zoo = interleaved(
+            zoo_cases(args.T, args.B, args.input_size, args.hidden_size), args.repeats
+        )
+        print("\n| memrl core | train unroll ms | gru / core | step ms (batch 1) |")
+        print("|---|---:|---:|---:|")
+        for name in ZOO:
+            print(
+                f"| {name} | {zoo[name]:.1f} | {zoo['gru'] / zoo[name]:.2f} | "
+                f"{zoo[f'{name} step']:.3f} |"
+            )
     if not args.skip_conv:
         step_ms, train_ms, fwd_ms = conv_gru_timings(args.repeats, args.conv_T, args.conv_B)
         print(
