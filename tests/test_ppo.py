@@ -104,7 +104,7 @@ def _rollout(core: str, steps: int = 32, burn_in: int = 0, split_episodes: bool 
 
 
 @pytest.mark.parametrize(
-    "core", ["gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru"]
+    "core", ["gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm"]
 )
 def test_stored_state_is_the_state_the_policy_had(core):
     agent, buffer, initial = _rollout(core)

@@ -205,6 +205,26 @@ def test_lru_equals_its_recurrence_and_starts_stable_on_the_ring():
         make_core("lru", input_size=3, hidden_size=4, r_max=1.0)
 
 
+def ffm_reference(core, x, state, is_first):
+    """FFM's equations one step at a time: gated input traces, S = gamma S + x^ 1^T, gated
+    LayerNorm output with a skip."""
+    gammas, finals = core.gammas(), []
+    for k in range(core.num_layers):
+        traces, ys = torch.view_as_complex(state[0][:, k].contiguous()), []
+        for t in range(x.shape[0]):
+            traces = torch.where(is_first[t][:, None, None], torch.zeros_like(traces), traces)
+            value, gate = core.pre[k](x[t]).chunk(2, -1)
+            drive = (value * torch.sigmoid(gate)).to(traces.dtype)[:, :, None]
+            traces = gammas[k] * traces + drive
+            z = core.post[k](torch.cat([traces.real, traces.imag], -1).flatten(-2))
+            out_gate, skip = core.gate[k](x[t]).chunk(2, -1)
+            o = torch.sigmoid(out_gate)
+            ys.append(core.norms[k](z) * o + skip * (1 - o))
+        x = torch.stack(ys)
+        finals.append(torch.view_as_real(traces))
+    return x, torch.stack(finals, 1)
+
+
 def zoo_reference(name, core, x, state, is_first):
     """(y, state) of the step-by-step reference of each zoo core."""
     if name in ("mingru", "minlstm"):
@@ -213,13 +233,14 @@ def zoo_reference(name, core, x, state, is_first):
     if name == "linear_attention":
         y, s, z = linear_attention_reference(core, x, state, is_first)
         return y, (s, z)
-    y, final = lru_reference(core, x, state, is_first)
+    reference = lru_reference if name == "lru" else ffm_reference
+    y, final = reference(core, x, state, is_first)
     return y, (final,)
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    st.sampled_from(["mingru", "minlstm", "linear_attention", "lru"]),
+    st.sampled_from(["mingru", "minlstm", "linear_attention", "lru", "ffm"]),
     st.integers(1, 2),  # layers
     st.integers(1, 6),  # T
     st.integers(1, 4),  # B
@@ -254,3 +275,13 @@ def test_unroll_equals_step_loop_equals_reference(name, layers, T, B, p_reset, s
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
         for got, want in zip(g, grads[2], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
+def test_ffm_decays_are_stable_and_span_its_horizons():
+    """|gamma| = exp(-alpha) < 1; at initialisation the traces halve after 1 to 1000 steps."""
+    core = make_core("ffm", input_size=3, hidden_size=4, memory_size=5, context_size=3)
+    gamma = core.gammas()
+    assert gamma.shape == (1, 5, 3) and bool((gamma.abs() < 1).all())
+    half_lives = torch.log(torch.tensor(0.5)) / torch.log(gamma.abs()[0, :, 0])
+    torch.testing.assert_close(half_lives, torch.logspace(0, 3, 5), rtol=1e-4, atol=1e-4)
+    assert core.omega[0].tolist() == pytest.approx([0, torch.pi / 2, torch.pi])

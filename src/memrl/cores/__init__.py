@@ -14,7 +14,7 @@ from memrl.cores.base import Core, State
 from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
 from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore, unroll_together
 from memrl.cores.s4d import S4DCore
-from memrl.cores.scan import LRUCore, MinGRUCore, MinLSTMCore, linear_scan
+from memrl.cores.scan import FFMCore, LRUCore, MinGRUCore, MinLSTMCore, linear_scan
 from memrl.cores.state import cat_states, detach_state, select_state, state_to, zero_state_where
 
 CORES: dict[str, type[Core]] = {
@@ -26,22 +26,23 @@ CORES: dict[str, type[Core]] = {
     "minlstm": MinLSTMCore,
     "linear_attention": LinearAttentionCore,
     "lru": LRUCore,
+    "ffm": FFMCore,
     "conv_gru": ConvGRUCore,
     "conv_lstm": ConvLSTMCore,
 }
 CONV_CORES = ("conv_gru", "conv_lstm")
 VectorCoreName = Literal[
-    "none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru"
+    "none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm"
 ]
 """The cores over feature vectors, as a type for a config's ``core`` option."""
 
 
 def make_core(name: str, **kwargs: Any) -> Core:
     """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d``, ``mingru``, ``minlstm``,
-    ``linear_attention``, ``lru`` (vector: ``input_size``, ``hidden_size``, ``num_layers``) or
-    ``conv_gru``, ``conv_lstm`` (``input_channels``, ``hidden_channels``, ``spatial_size``,
-    ``kernel_size``, ``num_layers``). Extra options (e.g. ``layer_norm`` for gru/lstm,
-    ``state_size``/``init`` for s4d) go to the core's constructor; an unknown one is a
+    ``linear_attention``, ``lru``, ``ffm`` (vector: ``input_size``, ``hidden_size``,
+    ``num_layers``) or ``conv_gru``, ``conv_lstm`` (``input_channels``, ``hidden_channels``,
+    ``spatial_size``, ``kernel_size``, ``num_layers``). Extra options (e.g. ``layer_norm`` for
+    gru/lstm, ``state_size``/``init`` for s4d) go to the core's constructor; an unknown one is a
     TypeError naming it."""
     if name not in CORES:
         raise ValueError(f"unknown core {name!r}; expected one of {', '.join(CORES)}")
@@ -59,6 +60,7 @@ __all__ = [
     "State",
     "ConvGRUCore",
     "ConvLSTMCore",
+    "FFMCore",
     "GRUCore",
     "LRUCore",
     "LSTMCore",

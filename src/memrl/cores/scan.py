@@ -1,4 +1,4 @@
-"""The resettable linear scan, and the cores whose recurrence is one: minGRU, minLSTM, LRU.
+"""The resettable linear scan, and the cores whose recurrence is one: minGRU, minLSTM, LRU, FFM.
 
 A linear recurrence ``h_t = a_t * h_{t-1} + b_t`` (elementwise) is what minGRU, minLSTM, LRU,
 S5 and Mamba share. An episode start at t cuts the carry: ``a_t = 0``, so ``h_t = b_t`` whatever
@@ -22,6 +22,8 @@ projection.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -202,3 +204,80 @@ class LRUCore(Core):
             u = self.norms[k](u + self.mix[k](torch.nn.functional.gelu(y)))
             finals.append(torch.view_as_real(modes[-1]))
         return u, (torch.stack(finals, 1),)
+
+
+class FFMCore(Core):
+    """Fast and Forgetful Memory (Morad et al. 2023, "Reinforcement Learning with Fast and
+    Forgetful Memory"), ``num_layers`` stacked. Per layer, from the input x_t:
+
+      x^_t = W_1 x_t * sigmoid(W_2 x_t)                     (m memory traces, gated input)
+      S_t  = gamma * S_{t-1} + x^_t 1_c^T                   (m x c complex, gamma_jk =
+                                                             exp(-alpha_j - i omega_k))
+      z_t  = W_3 [Re S_t, Im S_t]                            (the flattened traces)
+      o_t  = sigmoid(W_4 x_t),   y_t = LayerNorm(z_t) * o_t + W_5 x_t * (1 - o_t)
+
+    alpha > 0 (decay per trace; initialised so the traces' half-lives span 1 to ~1000 steps)
+    and omega (frequency per context, initialised on [0, pi]) are learned. The aggregator is
+    the complex :func:`linear_scan`. State: S as real pairs, (B, num_layers, m, c, 2)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        memory_size: int = 32,
+        context_size: int = 4,
+    ) -> None:
+        super().__init__()
+        check_positive(
+            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
+            memory_size=memory_size, context_size=context_size,
+        )  # fmt: skip
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        m, c = memory_size, context_size
+        widths = [input_size] + [hidden_size] * (num_layers - 1)
+        self.pre = nn.ModuleList(nn.Linear(w, 2 * m) for w in widths)  # W_1, W_2
+        self.post = nn.ModuleList(nn.Linear(2 * m * c, hidden_size) for _ in widths)  # W_3
+        self.gate = nn.ModuleList(nn.Linear(w, 2 * hidden_size) for w in widths)  # W_4, W_5
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in widths)
+        half_lives = torch.logspace(0, 3, m)  # steps for a trace to fall to 1/2
+        self.log_alpha = nn.Parameter(
+            torch.log(math.log(2) / half_lives).expand(num_layers, m).clone()
+        )
+        self.omega = nn.Parameter(torch.linspace(0, math.pi, c).expand(num_layers, c).clone())
+        self.feature_shape = (input_size,)
+        self.output_shape = (hidden_size,)
+        self.state_shapes = ((num_layers, m, c, 2),)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def gammas(self) -> torch.Tensor:
+        """(num_layers, m, c) complex: ``exp(-alpha_j - i omega_k)``, |gamma| < 1."""
+        alpha = torch.exp(self.log_alpha)[:, :, None]
+        return torch.exp(
+            torch.complex(
+                -alpha.expand(-1, -1, self.omega.shape[1]),
+                -self.omega[:, None, :].expand(-1, alpha.shape[1], -1),
+            )
+        )
+
+    def _unroll(
+        self, x: torch.Tensor, state: State, is_first: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            return x.new_zeros(*x.shape[:2], self.hidden_size), state
+        gammas, finals = self.gammas(), []
+        for k in range(self.num_layers):
+            value, gate = self.pre[k](x).chunk(2, -1)
+            drive = (value * torch.sigmoid(gate)).to(gammas.dtype)  # (T, B, m)
+            drive = drive[..., None].expand(*drive.shape, gammas.shape[-1])  # (T, B, m, c)
+            s0 = torch.view_as_complex(state[0][:, k].contiguous())  # (B, m, c)
+            traces = linear_scan(gammas[k].expand_as(drive), drive, s0, is_first)
+            z = self.post[k](torch.cat([traces.real, traces.imag], -1).flatten(-2))
+            out_gate, skip = self.gate[k](x).chunk(2, -1)
+            o = torch.sigmoid(out_gate)
+            x = self.norms[k](z) * o + skip * (1 - o)
+            finals.append(torch.view_as_real(traces[-1]))
+        return x, (torch.stack(finals, 1),)
