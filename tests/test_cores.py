@@ -21,7 +21,7 @@ from memrl.cores.state import cat_states, detach_state, select_state, state_to, 
 
 TOL = {"rtol": 1e-8, "atol": 1e-8}
 SETTINGS = settings(max_examples=100, deadline=None)
-VECTOR = ("gru", "lstm", "none", "mingru", "minlstm", "linear_attention", "lru", "ffm")
+VECTOR = ("gru", "lstm", "none", "mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba")
 CONV = ("conv_gru", "conv_lstm")
 
 
@@ -308,7 +308,16 @@ def test_float32_fast_path_matches_float64_reference(name):
 
 
 ALL = (
-    "gru", "lstm", "none", "mingru", "minlstm", "linear_attention", "lru", "ffm", "conv_gru",
+    "gru",
+    "lstm",
+    "none",
+    "mingru",
+    "minlstm",
+    "linear_attention",
+    "lru",
+    "ffm",
+    "mamba",
+    "conv_gru",
     "conv_lstm",
 )
 
@@ -468,7 +477,7 @@ def test_bad_inputs_fail_with_clear_messages(name):
 def test_make_core_errors_name_the_bad_value():
     with pytest.raises(
         ValueError,
-        match="'transformer'.*s4d, mingru, minlstm, linear_attention, lru, ffm, conv_gru",
+        match="'transformer'.*s4d, mingru, minlstm, linear_attention, lru, ffm, mamba, conv_gru",
     ):
         make_core("transformer", input_size=2, hidden_size=3)
     with pytest.raises(TypeError, match="make_core\\('gru'.*hidden_size"):

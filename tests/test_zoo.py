@@ -225,11 +225,40 @@ def ffm_reference(core, x, state, is_first):
     return x, torch.stack(finals, 1)
 
 
+def mamba_reference(core, x, state, is_first):
+    """The selective SSM one step at a time: a conv window of the last K inputs (cleared at an
+    episode start), dt, B, C from the input, h = exp(dt A) h + dt u B^T, y = h C + D u."""
+    silu, softplus = torch.nn.functional.silu, torch.nn.functional.softplus
+    h, hs, windows = core.encoder(x), [], []
+    for k in range(core.num_layers):
+        modes, window, ys = state[0][:, k], state[1][:, k], []
+        for t in range(x.shape[0]):
+            fresh = is_first[t]
+            modes = torch.where(fresh[:, None, None], torch.zeros_like(modes), modes)
+            window = torch.where(fresh[:, None, None], torch.zeros_like(window), window)
+            u, g = core.w_in[k](h[t]).chunk(2, -1)
+            full = torch.cat([window, u[:, None]], 1)  # (B, K, E), oldest first
+            u = silu(core.conv_bias[k] + (core.conv[k] * full).sum(1))
+            window = full[:, 1:]
+            dt = softplus(core.w_dt[k](u))
+            b, c = core.w_bc[k](u).chunk(2, -1)
+            a = -torch.exp(core.a_log[k])
+            modes = torch.exp(dt[..., None] * a) * modes + (dt * u)[..., None] * b[:, None, :]
+            y = (modes * c[:, None, :]).sum(-1) + core.d[k] * u
+            ys.append(h[t] + core.w_out[k](y * silu(g)))
+        h = torch.stack(ys)
+        hs.append(modes)
+        windows.append(window)
+    return h, (torch.stack(hs, 1), torch.stack(windows, 1))
+
+
 def zoo_reference(name, core, x, state, is_first):
     """(y, state) of the step-by-step reference of each zoo core."""
     if name in ("mingru", "minlstm"):
         y, final = min_rnn_reference(core, x, state, is_first, name)
         return y, (final,)
+    if name == "mamba":
+        return mamba_reference(core, x, state, is_first)
     if name == "linear_attention":
         y, s, z = linear_attention_reference(core, x, state, is_first)
         return y, (s, z)
@@ -240,7 +269,7 @@ def zoo_reference(name, core, x, state, is_first):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    st.sampled_from(["mingru", "minlstm", "linear_attention", "lru", "ffm"]),
+    st.sampled_from(["mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba"]),
     st.integers(1, 2),  # layers
     st.integers(1, 6),  # T
     st.integers(1, 4),  # B
@@ -285,3 +314,27 @@ def test_ffm_decays_are_stable_and_span_its_horizons():
     half_lives = torch.log(torch.tensor(0.5)) / torch.log(gamma.abs()[0, :, 0])
     torch.testing.assert_close(half_lives, torch.logspace(0, 3, 5), rtol=1e-4, atol=1e-4)
     assert core.omega[0].tolist() == pytest.approx([0, torch.pi / 2, torch.pi])
+
+
+@pytest.mark.parametrize("conv_size", [1, 2, 4])
+def test_mamba_equals_its_recurrence_whatever_the_conv_window(conv_size):
+    """Resets inside the sequence clear the conv window: a step never sees an earlier episode."""
+    torch.manual_seed(0)
+    core = make_core("mamba", input_size=3, hidden_size=4, num_layers=2, state_size=3,
+                     conv_size=conv_size).double()  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    state = tuple(
+        torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in core.initial_state(3)
+    )
+    is_first = torch.rand(9, 3, generator=gen) < 0.3
+    y, final = core(x, state, is_first)
+    want_y, want_final = mamba_reference(core, x, state, is_first)
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    for got, want in zip(final, want_final, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    params = [x, *core.parameters()]
+    grads = torch.autograd.grad(y.square().sum(), params)
+    expected = torch.autograd.grad(want_y.square().sum(), params)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)

@@ -14,7 +14,14 @@ from memrl.cores.base import Core, State
 from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
 from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore, unroll_together
 from memrl.cores.s4d import S4DCore
-from memrl.cores.scan import FFMCore, LRUCore, MinGRUCore, MinLSTMCore, linear_scan
+from memrl.cores.scan import (
+    FFMCore,
+    LRUCore,
+    MambaCore,
+    MinGRUCore,
+    MinLSTMCore,
+    linear_scan,
+)
 from memrl.cores.state import cat_states, detach_state, select_state, state_to, zero_state_where
 
 CORES: dict[str, type[Core]] = {
@@ -27,19 +34,20 @@ CORES: dict[str, type[Core]] = {
     "linear_attention": LinearAttentionCore,
     "lru": LRUCore,
     "ffm": FFMCore,
+    "mamba": MambaCore,
     "conv_gru": ConvGRUCore,
     "conv_lstm": ConvLSTMCore,
 }
 CONV_CORES = ("conv_gru", "conv_lstm")
 VectorCoreName = Literal[
-    "none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm"
+    "none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba"
 ]
 """The cores over feature vectors, as a type for a config's ``core`` option."""
 
 
 def make_core(name: str, **kwargs: Any) -> Core:
     """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d``, ``mingru``, ``minlstm``,
-    ``linear_attention``, ``lru``, ``ffm`` (vector: ``input_size``, ``hidden_size``,
+    ``linear_attention``, ``lru``, ``ffm``, ``mamba`` (vector: ``input_size``, ``hidden_size``,
     ``num_layers``) or ``conv_gru``, ``conv_lstm`` (``input_channels``, ``hidden_channels``,
     ``spatial_size``, ``kernel_size``, ``num_layers``). Extra options (e.g. ``layer_norm`` for
     gru/lstm, ``state_size``/``init`` for s4d) go to the core's constructor; an unknown one is a
@@ -64,6 +72,7 @@ __all__ = [
     "GRUCore",
     "LRUCore",
     "LSTMCore",
+    "MambaCore",
     "LinearAttentionCore",
     "MinGRUCore",
     "MinLSTMCore",

@@ -1,4 +1,5 @@
-"""The resettable linear scan, and the cores whose recurrence is one: minGRU, minLSTM, LRU, FFM.
+"""The resettable linear scan, and the cores whose recurrence is one: minGRU, minLSTM, LRU, FFM,
+Mamba.
 
 A linear recurrence ``h_t = a_t * h_{t-1} + b_t`` (elementwise) is what minGRU, minLSTM, LRU,
 S5 and Mamba share. An episode start at t cuts the carry: ``a_t = 0``, so ``h_t = b_t`` whatever
@@ -27,6 +28,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from memrl.cores.base import Core, State, check_positive
 
@@ -281,3 +283,92 @@ class FFMCore(Core):
             x = self.norms[k](z) * o + skip * (1 - o)
             finals.append(torch.view_as_real(traces[-1]))
         return x, (torch.stack(finals, 1),)
+
+
+class MambaCore(Core):
+    """A selective state-space block in the manner of Mamba (Gu & Dao 2023, "Mamba: Linear-Time
+    Sequence Modeling with Selective State Spaces"), pure PyTorch, ``num_layers`` stacked with
+    residuals. Per layer, with E = hidden_size channels and N = state_size:
+
+      u, g = W_in x                                   (E each)
+      u    = silu(causal depthwise conv over the last ``conv_size`` steps of u)
+      dt   = softplus(W_dt u),  B_t = W_B u,  C_t = W_C u          (E; N; N)
+      h_t  = exp(dt * A) * h_{t-1} + (dt * u) B_t^T   (E x N, A = -exp(A_log) < 0: the decay
+                                                       depends on the input: "selective")
+      y_t  = W_out((h_t C_t + D * u) * silu(g)),      block output x + y_t
+
+    An episode start resets h and the convolution's window (nothing before the start enters).
+    The scan is :func:`linear_scan` over (E, N) per env. State: ``(h, window)``, h (B,
+    num_layers, E, N), window (B, num_layers, conv_size - 1, E): the last inputs of the conv."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        state_size: int = 16,
+        conv_size: int = 4,
+    ) -> None:
+        super().__init__()
+        check_positive(
+            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
+            state_size=state_size, conv_size=conv_size,
+        )  # fmt: skip
+        E, N = hidden_size, state_size
+        self.hidden_size, self.num_layers, self.conv_size = E, num_layers, conv_size
+        self.encoder = nn.Linear(input_size, E)
+        self.w_in = nn.ModuleList(nn.Linear(E, 2 * E) for _ in range(num_layers))
+        self.conv = nn.Parameter(torch.randn(num_layers, conv_size, E) / conv_size**0.5)
+        self.conv_bias = nn.Parameter(torch.zeros(num_layers, E))
+        self.w_dt = nn.ModuleList(nn.Linear(E, E) for _ in range(num_layers))
+        self.w_bc = nn.ModuleList(nn.Linear(E, 2 * N, bias=False) for _ in range(num_layers))
+        # S4D-real initialisation of A: -(1, 2, ..., N) for every channel
+        a = torch.arange(1, N + 1, dtype=torch.float32).expand(num_layers, E, N)
+        self.a_log = nn.Parameter(torch.log(a).clone())
+        self.d = nn.Parameter(torch.ones(num_layers, E))
+        self.w_out = nn.ModuleList(nn.Linear(E, E) for _ in range(num_layers))
+        self.feature_shape = (input_size,)
+        self.output_shape = (hidden_size,)
+        self.state_shapes = ((num_layers, E, N), (num_layers, conv_size - 1, E))
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def _conv(
+        self, k: int, u: torch.Tensor, window: torch.Tensor, is_first: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv of u (T, B, E) after the window (B, K-1, E), blind to steps of
+        an earlier episode; returns the output and the next window."""
+        T, K = u.shape[0], self.conv_size
+        timeline = torch.cat([window.transpose(0, 1), u])  # (K-1+T, B, E)
+        episode = torch.cat([is_first.new_zeros(K - 1, is_first.shape[1]), is_first]).long()
+        episode = episode.cumsum(0)  # (K-1+T, B): the window's steps are episode 0
+        out = self.conv_bias[k].expand_as(u)
+        for lag in range(K):  # output t (timeline K-1+t) sees timeline K-1+t-lag
+            seen = timeline[K - 1 - lag : K - 1 - lag + T]
+            same = (episode[K - 1 - lag : K - 1 - lag + T] == episode[K - 1 :]).to(u.dtype)
+            out = out + self.conv[k, K - 1 - lag] * seen * same[..., None]
+        last = (episode[T:] == episode[-1]).to(u.dtype)[..., None]  # the next window's steps
+        return out, (timeline[T:] * last).transpose(0, 1)
+
+    def _unroll(
+        self, x: torch.Tensor, state: State, is_first: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            return x.new_zeros(*x.shape[:2], self.hidden_size), state
+        h, hs, windows = self.encoder(x), [], []
+        for k in range(self.num_layers):
+            u, g = self.w_in[k](h).chunk(2, -1)
+            u, window = self._conv(k, u, state[1][:, k], is_first)
+            u = F.silu(u)
+            dt = F.softplus(self.w_dt[k](u))  # (T, B, E)
+            b, c = self.w_bc[k](u).chunk(2, -1)  # (T, B, N) each
+            decay = torch.exp(dt[..., None] * -torch.exp(self.a_log[k]))  # (T, B, E, N)
+            drive = (dt * u)[..., None] * b[:, :, None, :]
+            modes = linear_scan(decay, drive, state[0][:, k], is_first)  # (T, B, E, N)
+            y = (modes * c[:, :, None, :]).sum(-1) + self.d[k] * u
+            h = h + self.w_out[k](y * F.silu(g))
+            hs.append(modes[-1])
+            windows.append(window)
+        return h, (torch.stack(hs, 1), torch.stack(windows, 1))

@@ -38,9 +38,7 @@ DEFAULT_ENVS = (
     "popgym/HigherLowerEasy",  # game
     "popgym/MineSweeperEasy",  # game
 )
-VECTOR_CORES = (
-    "none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm"
-)
+VECTOR_CORES = ("none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm")
 
 
 @dataclasses.dataclass
