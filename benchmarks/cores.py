@@ -189,7 +189,18 @@ def conv_gru_timings(repeats: int, T: int, B: int) -> tuple[float, float, float]
     return step_ms, t["train"], t["fwd"]
 
 
-ZOO = ("gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba")
+ZOO = (
+    "gru",
+    "lstm",
+    "s4d",
+    "mingru",
+    "minlstm",
+    "linear_attention",
+    "lru",
+    "ffm",
+    "mamba",
+    "gtrxl",
+)
 
 
 def zoo_cases(T: int, B: int, F: int, H: int) -> dict[str, Callable[[], object]]:

@@ -21,7 +21,18 @@ from memrl.cores.state import cat_states, detach_state, select_state, state_to, 
 
 TOL = {"rtol": 1e-8, "atol": 1e-8}
 SETTINGS = settings(max_examples=100, deadline=None)
-VECTOR = ("gru", "lstm", "none", "mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba")
+VECTOR = (
+    "gru",
+    "lstm",
+    "none",
+    "mingru",
+    "minlstm",
+    "linear_attention",
+    "lru",
+    "ffm",
+    "mamba",
+    "gtrxl",
+)
 CONV = ("conv_gru", "conv_lstm")
 
 
@@ -477,7 +488,7 @@ def test_bad_inputs_fail_with_clear_messages(name):
 def test_make_core_errors_name_the_bad_value():
     with pytest.raises(
         ValueError,
-        match="'transformer'.*s4d, mingru, minlstm, linear_attention, lru, ffm, mamba, conv_gru",
+        match="'transformer'.*linear_attention, lru, ffm, mamba, gtrxl, conv_gru",
     ):
         make_core("transformer", input_size=2, hidden_size=3)
     with pytest.raises(TypeError, match="make_core\\('gru'.*hidden_size"):

@@ -105,7 +105,7 @@ def _rollout(core: str, steps: int = 32, burn_in: int = 0, split_episodes: bool 
 
 @pytest.mark.parametrize(
     "core",
-    ["gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba"],
+    ["gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba", "gtrxl"],
 )
 def test_stored_state_is_the_state_the_policy_had(core):
     agent, buffer, initial = _rollout(core)
@@ -119,7 +119,8 @@ def test_stored_state_is_the_state_the_policy_had(core):
                 torch.testing.assert_close(stored, replayed, rtol=0, atol=1e-6)
             _, _, state = agent.policy(buffer.obs[t : t + 1], state, buffer.is_first[t : t + 1])
     assert len(buffer.states) == len(agent.policy.initial_state(1))  # (h, c) for the LSTM, ...
-    assert len(buffer.states) == (2 if core in ("lstm", "linear_attention", "mamba") else 1)
+    two = ("lstm", "linear_attention", "mamba", "gtrxl")  # (h, c), (S, z), (h, window), ...
+    assert len(buffer.states) == (2 if core in two else 1)
 
 
 @pytest.mark.parametrize(

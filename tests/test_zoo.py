@@ -252,6 +252,53 @@ def mamba_reference(core, x, state, is_first):
     return h, (torch.stack(hs, 1), torch.stack(windows, 1))
 
 
+def gtrxl_reference(core, x, state, is_first):
+    """GTrXL one step and one env at a time: attend over the valid remembered inputs and the
+    current one (ALiBi bias by distance), gate, MLP, gate; the memory is a queue of the last
+    ``memory`` inputs of each layer, emptied at an episode start."""
+    relu, M, heads = torch.nn.functional.relu, core.memory, core.heads
+    H, d = core.hidden_size, core.hidden_size // core.heads
+    T, B = x.shape[:2]
+    out = torch.zeros(T, B, H, dtype=x.dtype)
+    finals = [[None] * core.num_layers for _ in range(B)]
+    for b in range(B):
+        queues = [
+            [(state[0][b, k, i], float(state[1][b, k, i] > 0.5)) for i in range(M)]
+            for k in range(core.num_layers)
+        ]
+        for t in range(T):
+            h = core.encoder(x[t, b])
+            if is_first[t, b]:
+                queues = [[(torch.zeros(H, dtype=x.dtype), 0.0)] * M for _ in queues]
+            for k in range(core.num_layers):
+                entries = [*queues[k], (h, 1.0)]  # oldest first; the current one last
+                keep = [i for i, (_, ok) in enumerate(entries) if ok > 0.5]
+                normed = core.norm1[k](torch.stack([entries[i][0] for i in keep]))
+                q = core.qkv[k](core.norm1[k](h)).chunk(3, -1)[0].view(heads, d)
+                _, key, v = core.qkv[k](normed).chunk(3, -1)
+                key, v = key.view(-1, heads, d), v.view(-1, heads, d)
+                distance = torch.tensor([M - i for i in keep], dtype=x.dtype)
+                scores = torch.einsum("nd,snd->ns", q, key) / d**0.5
+                scores = scores - core.slopes[:, None] * distance
+                attended = torch.einsum("ns,snd->nd", torch.softmax(scores, -1), v).reshape(H)
+                y = core.gate1[k](h, relu(core.proj[k](attended)))
+                queues[k] = entries[1:]
+                h = core.gate2[k](y, relu(core.mlp[k](core.norm2[k](y))))
+            out[t, b] = h
+        for k in range(core.num_layers):
+            finals[b][k] = queues[k]
+    layers = range(core.num_layers)
+    memory = torch.stack([
+        torch.stack([torch.stack([e * ok for e, ok in finals[b][k]]) for k in layers])
+        for b in range(B)
+    ])  # fmt: skip
+    valid = torch.tensor(
+        [[[ok for _, ok in finals[b][k]] for k in range(core.num_layers)] for b in range(B)],
+        dtype=x.dtype,
+    )
+    return out, (memory, valid)
+
+
 def zoo_reference(name, core, x, state, is_first):
     """(y, state) of the step-by-step reference of each zoo core."""
     if name in ("mingru", "minlstm"):
@@ -259,6 +306,8 @@ def zoo_reference(name, core, x, state, is_first):
         return y, (final,)
     if name == "mamba":
         return mamba_reference(core, x, state, is_first)
+    if name == "gtrxl":
+        return gtrxl_reference(core, x, state, is_first)
     if name == "linear_attention":
         y, s, z = linear_attention_reference(core, x, state, is_first)
         return y, (s, z)
@@ -269,7 +318,7 @@ def zoo_reference(name, core, x, state, is_first):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    st.sampled_from(["mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba"]),
+    st.sampled_from(["mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba", "gtrxl"]),
     st.integers(1, 2),  # layers
     st.integers(1, 6),  # T
     st.integers(1, 4),  # B
@@ -330,6 +379,32 @@ def test_mamba_equals_its_recurrence_whatever_the_conv_window(conv_size):
     is_first = torch.rand(9, 3, generator=gen) < 0.3
     y, final = core(x, state, is_first)
     want_y, want_final = mamba_reference(core, x, state, is_first)
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    for got, want in zip(final, want_final, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    params = [x, *core.parameters()]
+    grads = torch.autograd.grad(y.square().sum(), params)
+    expected = torch.autograd.grad(want_y.square().sum(), params)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("memory", [1, 3])
+def test_gtrxl_equals_a_step_by_step_queue_of_remembered_inputs(memory):
+    """A window shorter and longer than the gaps between resets; the incoming memory is part
+    valid (a 0/1 flag per slot), as the state after a reset inside the previous window."""
+    torch.manual_seed(0)
+    core = make_core("gtrxl", input_size=3, hidden_size=4, num_layers=2, memory=memory,
+                     heads=2).double()  # fmt: skip
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    state = (
+        torch.randn(3, 2, memory, 4, generator=gen, dtype=torch.float64),
+        (torch.rand(3, 2, memory, generator=gen) < 0.6).double(),
+    )
+    is_first = torch.rand(7, 3, generator=gen) < 0.25
+    y, final = core(x, state, is_first)
+    want_y, want_final = gtrxl_reference(core, x, state, is_first)
     torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
     for got, want in zip(final, want_final, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

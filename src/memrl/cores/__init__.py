@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from memrl.cores.attention import LinearAttentionCore
+from memrl.cores.attention import GTrXLCore, LinearAttentionCore
 from memrl.cores.base import Core, State
 from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
 from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore, unroll_together
@@ -35,23 +35,33 @@ CORES: dict[str, type[Core]] = {
     "lru": LRUCore,
     "ffm": FFMCore,
     "mamba": MambaCore,
+    "gtrxl": GTrXLCore,
     "conv_gru": ConvGRUCore,
     "conv_lstm": ConvLSTMCore,
 }
 CONV_CORES = ("conv_gru", "conv_lstm")
 VectorCoreName = Literal[
-    "none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm", "mamba"
+    "none",
+    "gru",
+    "lstm",
+    "s4d",
+    "mingru",
+    "minlstm",
+    "linear_attention",
+    "lru",
+    "ffm",
+    "mamba",
+    "gtrxl",
 ]
 """The cores over feature vectors, as a type for a config's ``core`` option."""
 
 
 def make_core(name: str, **kwargs: Any) -> Core:
-    """Build a core by name: ``none``, ``gru``, ``lstm``, ``s4d``, ``mingru``, ``minlstm``,
-    ``linear_attention``, ``lru``, ``ffm``, ``mamba`` (vector: ``input_size``, ``hidden_size``,
-    ``num_layers``) or ``conv_gru``, ``conv_lstm`` (``input_channels``, ``hidden_channels``,
-    ``spatial_size``, ``kernel_size``, ``num_layers``). Extra options (e.g. ``layer_norm`` for
-    gru/lstm, ``state_size``/``init`` for s4d) go to the core's constructor; an unknown one is a
-    TypeError naming it."""
+    """Build a core by name (``CORES``): a vector core (``VectorCoreName``: ``input_size``,
+    ``hidden_size``, ``num_layers``) or ``conv_gru``, ``conv_lstm`` (``input_channels``,
+    ``hidden_channels``, ``spatial_size``, ``kernel_size``, ``num_layers``). Extra options
+    (e.g. ``layer_norm`` for gru/lstm, ``state_size``/``init`` for s4d, ``memory`` for gtrxl)
+    go to the core's constructor; an unknown one is a TypeError naming it."""
     if name not in CORES:
         raise ValueError(f"unknown core {name!r}; expected one of {', '.join(CORES)}")
     try:
@@ -69,6 +79,7 @@ __all__ = [
     "ConvGRUCore",
     "ConvLSTMCore",
     "FFMCore",
+    "GTrXLCore",
     "GRUCore",
     "LRUCore",
     "LSTMCore",
