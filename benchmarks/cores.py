@@ -26,11 +26,12 @@ import ctypes
 import statistics
 import time
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 from torch import nn
 
-from memrl.cores import make_core
+from memrl.cores import VectorCoreName, make_core
 
 
 def time_ms(fn: Callable[[], object]) -> float:
@@ -189,18 +190,7 @@ def conv_gru_timings(repeats: int, T: int, B: int) -> tuple[float, float, float]
     return step_ms, t["train"], t["fwd"]
 
 
-ZOO = (
-    "gru",
-    "lstm",
-    "s4d",
-    "mingru",
-    "minlstm",
-    "linear_attention",
-    "lru",
-    "ffm",
-    "mamba",
-    "gtrxl",
-)
+ZOO = tuple(n for n in get_args(VectorCoreName) if n != "none")
 
 
 def zoo_cases(T: int, B: int, F: int, H: int) -> dict[str, Callable[[], object]]:

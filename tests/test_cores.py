@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from typing import get_args
 
 import pytest
 import torch
@@ -16,23 +17,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memrl.cores import CORES, make_core, unroll_together
+from memrl.cores import CORES, VectorCoreName, make_core, unroll_together
 from memrl.cores.state import cat_states, detach_state, select_state, state_to, zero_state_where
 
 TOL = {"rtol": 1e-8, "atol": 1e-8}
 SETTINGS = settings(max_examples=100, deadline=None)
-VECTOR = (
-    "gru",
-    "lstm",
-    "none",
-    "mingru",
-    "minlstm",
-    "linear_attention",
-    "lru",
-    "ffm",
-    "mamba",
-    "gtrxl",
-)
+VECTOR = tuple(n for n in get_args(VectorCoreName) if n != "s4d")  # s4d: tests/test_s4d.py
 CONV = ("conv_gru", "conv_lstm")
 
 
@@ -318,19 +308,7 @@ def test_float32_fast_path_matches_float64_reference(name):
         )
 
 
-ALL = (
-    "gru",
-    "lstm",
-    "none",
-    "mingru",
-    "minlstm",
-    "linear_attention",
-    "lru",
-    "ffm",
-    "mamba",
-    "conv_gru",
-    "conv_lstm",
-)
+ALL = (*VECTOR, *CONV)
 
 
 @settings(max_examples=40, deadline=None)

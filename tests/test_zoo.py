@@ -60,6 +60,21 @@ def test_linear_scan_by_hand():
     assert linear_scan(a, b, h0, reset).flatten().tolist() == [2.0, 1.0, 1.5]
 
 
+def assert_equals_reference(name, core, x, state, is_first):
+    """The core's outputs, final state and every gradient (of a loss on the outputs, through
+    the input and the parameters) equal its step-by-step reference's, in float64."""
+    y, final = core(x, state, is_first)
+    want_y, want_final = zoo_reference(name, core, x, state, is_first)
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    for got, want in zip(final, want_final, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    params = [x, *core.parameters()]
+    grads = torch.autograd.grad(y.square().sum(), params)
+    expected = torch.autograd.grad(want_y.square().sum(), params)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
 def min_rnn_reference(core, x, state, is_first, kind):
     """The paper's equations, one step at a time, from the core's own weights."""
     finals = []
@@ -90,15 +105,7 @@ def test_min_rnn_cores_compute_the_papers_equations(kind):
     x = torch.randn(9, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     state = (torch.randn(4, 2, 5, generator=gen, dtype=torch.float64),)
     is_first = torch.rand(9, 4, generator=gen) < 0.2
-    y, (final,) = core(x, state, is_first)
-    want_y, want_final = min_rnn_reference(core, x, state, is_first, kind)
-    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(final, want_final, rtol=1e-10, atol=1e-10)
-    params = [x, *core.parameters()]
-    grads = torch.autograd.grad(y.square().sum(), params)
-    expected = torch.autograd.grad(want_y.square().sum(), params)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    assert_equals_reference(kind, core, x, state, is_first)
 
 
 def linear_attention_reference(core, x, state, is_first):
@@ -137,15 +144,7 @@ def test_linear_attention_parallel_form_equals_the_recurrence(reset_at_zero):
     is_first = torch.rand(8, 3, generator=gen) < 0.25
     is_first[0] = reset_at_zero
     is_first[:, 2] = False  # one env never resets: its incoming state runs through the window
-    y, (s, z) = core(x, state, is_first)
-    want_y, want_s, want_z = linear_attention_reference(core, x, state, is_first)
-    for got, want in ((y, want_y), (s, want_s), (z, want_z)):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    params = [x, *core.parameters()]
-    grads = torch.autograd.grad(y.square().sum(), params)
-    expected = torch.autograd.grad(want_y.square().sum(), params)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    assert_equals_reference("linear_attention", core, x, state, is_first)
 
 
 def test_complex_linear_scan_passes_gradcheck():
@@ -192,15 +191,7 @@ def test_lru_equals_its_recurrence_and_starts_stable_on_the_ring():
     x = torch.randn(7, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     state = (torch.randn(3, 2, 6, 2, generator=gen, dtype=torch.float64),)
     is_first = torch.rand(7, 3, generator=gen) < 0.25
-    y, (final,) = core(x, state, is_first)
-    want_y, want_final = lru_reference(core, x, state, is_first)
-    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(final, want_final, rtol=1e-10, atol=1e-10)
-    params = [x, *core.parameters()]
-    grads = torch.autograd.grad(y.square().sum(), params)
-    expected = torch.autograd.grad(want_y.square().sum(), params)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    assert_equals_reference("lru", core, x, state, is_first)
     with pytest.raises(ValueError, match="r_max=1.0"):
         make_core("lru", input_size=3, hidden_size=4, r_max=1.0)
 
@@ -377,16 +368,7 @@ def test_mamba_equals_its_recurrence_whatever_the_conv_window(conv_size):
         torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in core.initial_state(3)
     )
     is_first = torch.rand(9, 3, generator=gen) < 0.3
-    y, final = core(x, state, is_first)
-    want_y, want_final = mamba_reference(core, x, state, is_first)
-    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
-    for got, want in zip(final, want_final, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    params = [x, *core.parameters()]
-    grads = torch.autograd.grad(y.square().sum(), params)
-    expected = torch.autograd.grad(want_y.square().sum(), params)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    assert_equals_reference("mamba", core, x, state, is_first)
 
 
 @pytest.mark.parametrize("memory", [1, 3])
@@ -403,13 +385,4 @@ def test_gtrxl_equals_a_step_by_step_queue_of_remembered_inputs(memory):
         (torch.rand(3, 2, memory, generator=gen) < 0.6).double(),
     )
     is_first = torch.rand(7, 3, generator=gen) < 0.25
-    y, final = core(x, state, is_first)
-    want_y, want_final = gtrxl_reference(core, x, state, is_first)
-    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
-    for got, want in zip(final, want_final, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    params = [x, *core.parameters()]
-    grads = torch.autograd.grad(y.square().sum(), params)
-    expected = torch.autograd.grad(want_y.square().sum(), params)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    assert_equals_reference("gtrxl", core, x, state, is_first)

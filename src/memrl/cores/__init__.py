@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from memrl.cores.attention import GTrXLCore, LinearAttentionCore
-from memrl.cores.base import Core, State
+from memrl.cores.base import Core, State, VectorCore
 from memrl.cores.conv import ConvGRUCore, ConvLSTMCore
 from memrl.cores.rnn import GRUCore, LSTMCore, NoMemoryCore, unroll_together
 from memrl.cores.s4d import S4DCore
@@ -76,6 +76,7 @@ __all__ = [
     "VectorCoreName",
     "Core",
     "State",
+    "VectorCore",
     "ConvGRUCore",
     "ConvLSTMCore",
     "FFMCore",

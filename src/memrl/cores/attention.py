@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memrl.cores.base import Core, State, check_positive
+from memrl.cores.base import State, VectorCore
 
 EPS = 1e-6  # keeps the normaliser away from zero (it is a sum of positive terms)
 
@@ -49,7 +49,7 @@ class _GRUGate(nn.Module):
         return (1 - z) * x + z * torch.tanh(w_g + self.u_g(r * x))
 
 
-class GTrXLCore(Core):
+class GTrXLCore(VectorCore):
     """Gated Transformer-XL (Parisotto et al. 2019, "Stabilizing Transformers for Reinforcement
     Learning"): input Linear(F, H), then ``num_layers`` blocks with the identity-map reordering
     and GRU-type gates,
@@ -73,15 +73,11 @@ class GTrXLCore(Core):
         feedforward: int | None = None,
         gate_bias: float = 2.0,
     ) -> None:
-        super().__init__()
-        check_positive(
-            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, memory=memory,
-            heads=heads,
-        )  # fmt: skip
+        super().__init__(input_size, hidden_size, num_layers, memory=memory, heads=heads)
         if hidden_size % heads:
             raise ValueError(f"hidden_size={hidden_size}; expected a multiple of heads={heads}")
         H, L = hidden_size, num_layers
-        self.hidden_size, self.num_layers, self.memory, self.heads = H, L, memory, heads
+        self.memory, self.heads = memory, heads
         self.encoder = nn.Linear(input_size, H)
         self.norm1 = nn.ModuleList(nn.LayerNorm(H) for _ in range(L))
         self.qkv = nn.ModuleList(nn.Linear(H, 3 * H) for _ in range(L))
@@ -95,20 +91,12 @@ class GTrXLCore(Core):
         self.gate2 = nn.ModuleList(_GRUGate(H, gate_bias) for _ in range(L))
         slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
         self.register_buffer("slopes", slopes)
-        self.feature_shape = (input_size,)
-        self.output_shape = (hidden_size,)
         self.state_shapes = ((L, memory, H), (L, memory))
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
         T, B = x.shape[:2]
-        if T == 0 or B == 0:
-            return x.new_zeros(T, B, self.hidden_size), state
         M, heads, H = self.memory, self.heads, self.hidden_size
         episode = is_first.long().cumsum(0)  # (T, B); the memory's steps are episode 0
         key_episode = torch.cat([episode.new_zeros(M, B), episode])  # (M + T, B)
@@ -139,33 +127,23 @@ class GTrXLCore(Core):
         return h, (torch.stack(memories, 1), torch.stack(valids, 1))
 
 
-class LinearAttentionCore(Core):
+class LinearAttentionCore(VectorCore):
     """Stacked causal linear attention layers (module docstring); the output is the last
     layer's ``y``."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
-        super().__init__()
-        check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        super().__init__(input_size, hidden_size, num_layers)
         self.qkv = nn.ModuleList(
             nn.Linear(input_size if k == 0 else hidden_size, 3 * hidden_size)
             for k in range(num_layers)
         )
         self.out = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_layers))
-        self.feature_shape = (input_size,)
-        self.output_shape = (hidden_size,)
         self.state_shapes = ((num_layers, hidden_size, hidden_size), (num_layers, hidden_size))
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
         T = x.shape[0]
-        if T == 0:
-            return x.new_zeros(*x.shape[:2], self.hidden_size), state
         episode = is_first.long().cumsum(0)  # (T, B): which episode of the window each step is
         same = episode[:, None] == episode[None]  # (T, T, B): t and s in one episode
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[..., None]

@@ -62,6 +62,8 @@ class Core(nn.Module, abc.ABC):
         Returns ``y`` (T, B, *output_shape) and the state after the last step.
         """
         self._check(x, state, is_first, sequence=True)
+        if x.shape[0] == 0 or x.shape[1] == 0:  # no step or no sequence: nothing to run
+            return x.new_zeros(*x.shape[:2], *self.output_shape), tuple(state)
         return self._unroll(x, tuple(state), is_first)
 
     def step(
@@ -69,6 +71,8 @@ class Core(nn.Module, abc.ABC):
     ) -> tuple[torch.Tensor, State]:
         """One step: ``x_t`` (B, *features), ``is_first_t`` (B,) bool."""
         self._check(x_t, state, is_first_t, sequence=False)
+        if x_t.shape[0] == 0:
+            return x_t.new_zeros(0, *self.output_shape), tuple(state)
         y, state = self._unroll(x_t.unsqueeze(0), tuple(state), is_first_t.unsqueeze(0))
         return y[0], state
 
@@ -136,6 +140,26 @@ class Core(nn.Module, abc.ABC):
     def _want(self, sequence: bool) -> str:
         """The expected shape of ``x``, for messages: ``(T, B, 64)`` or ``(B, 64)``."""
         return ("(T, B, " if sequence else "(B, ") + ", ".join(map(str, self.feature_shape)) + ")"
+
+
+class VectorCore(Core):
+    """A core over feature vectors: ``x`` (T, B, input_size) -> ``y`` (T, B, hidden_size).
+    Subclasses pass their sizes up (checked: positive ints, ``prefix`` in the message) and set
+    ``state_shapes``."""
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int, prefix: str = "", **sizes: int
+    ) -> None:
+        super().__init__()
+        check_positive(
+            prefix, input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, **sizes
+        )
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.feature_shape, self.output_shape = (input_size,), (hidden_size,)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
 
 
 def check_positive(prefix: str = "", **sizes: int) -> None:

@@ -26,12 +26,12 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from memrl.cores._fused_rnn import ResettableGRU, ResettableLSTM
-from memrl.cores.base import Core, State, check_positive
+from memrl.cores.base import Core, State, VectorCore
 
 INITS = ("orthogonal", "pytorch")  # recurrent-core initialisations (``reset_parameters``)
 
 
-class NoMemoryCore(Core):
+class NoMemoryCore(VectorCore):
     """Memoryless baseline with the core interface: ``num_layers`` of Linear + tanh per step.
 
     ``y[t]`` depends on ``x[t]`` only; the state is the empty tuple and ``is_first`` is ignored.
@@ -39,19 +39,12 @@ class NoMemoryCore(Core):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
-        super().__init__()
-        check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.feature_shape, self.output_shape = (input_size,), (hidden_size,)
+        super().__init__(input_size, hidden_size, num_layers)
         self.state_shapes = ()
         layers: list[nn.Module] = []
         for k in range(num_layers):
             layers += [nn.Linear(input_size if k == 0 else hidden_size, hidden_size), nn.Tanh()]
         self.mlp = nn.Sequential(*layers)
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
@@ -59,7 +52,7 @@ class NoMemoryCore(Core):
         return self.mlp(x), ()
 
 
-class _RecurrentCore(Core):
+class _RecurrentCore(VectorCore):
     """What ``GRUCore`` and ``LSTMCore`` share: sizes, init, device dispatch, the cuDNN path."""
 
     _rnn_class: type[nn.RNNBase]
@@ -74,15 +67,12 @@ class _RecurrentCore(Core):
         layer_norm: bool = False,
         init: str = "orthogonal",
     ) -> None:
-        super().__init__()
-        check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
+        super().__init__(input_size, hidden_size, num_layers)
         if init not in INITS:
             raise ValueError(
                 f"{type(self).__name__}: unknown init {init!r}; expected one of {', '.join(INITS)}"
             )
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.layer_norm, self.init = bool(layer_norm), init
-        self.feature_shape, self.output_shape = (input_size,), (hidden_size,)
         self.state_shapes = ((num_layers, hidden_size),) * self._n_state
         self.rnn = self._rnn_class(input_size, hidden_size, num_layers)
         self.norms = nn.ModuleList(
@@ -124,10 +114,6 @@ class _RecurrentCore(Core):
                 getattr(self.rnn, f"bias_hh_l{k}").zero_()
                 if self._n_state == 2:  # gate order (i, f, g, o)
                     getattr(self.rnn, f"bias_ih_l{k}")[H : 2 * H] = 1.0
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def _layer_params(self, k: int) -> tuple[torch.Tensor, ...]:
         return tuple(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memrl.cores.base import Core, State, check_positive
+from memrl.cores.base import State, VectorCore, check_positive
 
 MODES = ("auto", "fft", "scan", "recurrent")
 INITS = ("lin", "inv")
@@ -224,7 +224,7 @@ class S4DBlock(nn.Module):
         return self.norm(u + self.mix(F.gelu(y))), x_last
 
 
-class S4DCore(Core):
+class S4DCore(VectorCore):
     """Input Linear(F, H), then ``num_layers`` S4D blocks; ``y`` is the last block's output.
 
     The state is one tensor (B, num_layers, H, state_size / 2, 2): real and imaginary parts of the
@@ -245,10 +245,7 @@ class S4DCore(Core):
         mode: str = "auto",
         chunk_size: int = 32,
     ) -> None:
-        super().__init__()
-        check_positive(
-            "S4DCore: ", input_size=input_size, hidden_size=hidden_size, num_layers=num_layers
-        )
+        super().__init__(input_size, hidden_size, num_layers, prefix="S4DCore: ")
         if (
             not isinstance(state_size, int)
             or isinstance(state_size, bool)
@@ -265,18 +262,12 @@ class S4DCore(Core):
             raise ValueError(f"S4DCore: need 0 < dt_min <= dt_max, got {dt_min=}, {dt_max=}")
         self.mode = mode
         self.chunk_size = chunk_size
-        self.feature_shape = (input_size,)
-        self.output_shape = (hidden_size,)
         self.state_shapes = ((num_layers, hidden_size, state_size // 2, 2),)
         self.encoder = nn.Linear(input_size, hidden_size)
         self.blocks = nn.ModuleList(
             S4DBlock(hidden_size, state_size, init, dt_min, dt_max, layer_norm)
             for _ in range(num_layers)
         )
-
-    @property
-    def output_size(self) -> int:
-        return self.output_shape[0]
 
     @property
     def mode(self) -> str:
@@ -313,8 +304,6 @@ class S4DCore(Core):
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
-        if x.shape[0] == 0 or x.shape[1] == 0:  # nothing to run: as the RNN cores, no error
-            return x.new_zeros(*x.shape[:2], self.output_size), state
         mode = self._resolve_mode(is_first)
         h = self.encoder(x)  # (T, B, H)
         last = []

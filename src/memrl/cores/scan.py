@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memrl.cores.base import Core, State, check_positive
+from memrl.cores.base import State, VectorCore
 
 
 class _LinearScan(torch.autograd.Function):
@@ -71,27 +71,19 @@ def linear_scan(
     return _LinearScan.apply(a.contiguous(), b.contiguous(), h0.contiguous())
 
 
-class _MinRNNCore(Core):
+class _MinRNNCore(VectorCore):
     """Shared by minGRU and minLSTM: per layer one input projection to the gates and the
     candidate, then :func:`linear_scan`."""
 
     _gates: int  # gate projections besides the candidate
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
-        super().__init__()
-        check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        super().__init__(input_size, hidden_size, num_layers)
         self.layers = nn.ModuleList(
             nn.Linear(input_size if k == 0 else hidden_size, (self._gates + 1) * hidden_size)
             for k in range(num_layers)
         )
-        self.feature_shape = (input_size,)
-        self.output_shape = (hidden_size,)
         self.state_shapes = ((num_layers, hidden_size),)
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def _coefficients(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) of the scan from one layer's projection (T, B, (gates + 1) H)."""
@@ -104,7 +96,7 @@ class _MinRNNCore(Core):
         for k, layer in enumerate(self.layers):
             a, b = self._coefficients(layer(x))
             x = linear_scan(a, b, state[0][:, k], is_first)
-            finals.append(x[-1] if x.shape[0] else state[0][:, k])
+            finals.append(x[-1])
         return x, (torch.stack(finals, 1),)
 
 
@@ -131,7 +123,7 @@ class MinLSTMCore(_MinRNNCore):
         return forget, (1 - forget) * candidate
 
 
-class LRUCore(Core):
+class LRUCore(VectorCore):
     """The Linear Recurrent Unit (Orvieto et al. 2023, "Resurrecting Recurrent Neural Networks
     for Long Sequences"): input Linear(F, H), then ``num_layers`` blocks of
 
@@ -154,18 +146,14 @@ class LRUCore(Core):
         r_max: float = 0.99,
         max_phase: float = 6.28,
     ) -> None:
-        super().__init__()
         state_size = hidden_size if state_size is None else state_size
-        check_positive(
-            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
-            state_size=state_size,
-        )  # fmt: skip
+        super().__init__(input_size, hidden_size, num_layers, state_size=state_size)
         if not 0 <= r_min < r_max < 1 or not max_phase > 0:
             raise ValueError(
                 f"r_min={r_min}, r_max={r_max}, max_phase={max_phase}; expected "
                 "0 <= r_min < r_max < 1 and max_phase > 0"
             )
-        self.hidden_size, self.num_layers, self.state_size = hidden_size, num_layers, state_size
+        self.state_size = state_size
         self.encoder = nn.Linear(input_size, hidden_size)
         H, N = hidden_size, state_size
         u1, u2 = torch.rand(num_layers, N), torch.rand(num_layers, N)
@@ -178,13 +166,7 @@ class LRUCore(Core):
         self.d = nn.Parameter(torch.randn(num_layers, H))
         self.mix = nn.ModuleList(nn.Linear(H, H) for _ in range(num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(H) for _ in range(num_layers))
-        self.feature_shape = (input_size,)
-        self.output_shape = (hidden_size,)
         self.state_shapes = ((num_layers, state_size, 2),)
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def lambdas(self) -> torch.Tensor:
         """(num_layers, N) complex: ``exp(-exp(nu) + i exp(theta))``."""
@@ -193,8 +175,6 @@ class LRUCore(Core):
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            return x.new_zeros(*x.shape[:2], self.hidden_size), state
         u, lam, finals = self.encoder(x), self.lambdas(), []
         for k in range(self.num_layers):
             b = torch.view_as_complex(self.b[k].contiguous())  # (N, H)
@@ -208,7 +188,7 @@ class LRUCore(Core):
         return u, (torch.stack(finals, 1),)
 
 
-class FFMCore(Core):
+class FFMCore(VectorCore):
     """Fast and Forgetful Memory (Morad et al. 2023, "Reinforcement Learning with Fast and
     Forgetful Memory"), ``num_layers`` stacked. Per layer, from the input x_t:
 
@@ -230,12 +210,9 @@ class FFMCore(Core):
         memory_size: int = 32,
         context_size: int = 4,
     ) -> None:
-        super().__init__()
-        check_positive(
-            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
-            memory_size=memory_size, context_size=context_size,
-        )  # fmt: skip
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        super().__init__(
+            input_size, hidden_size, num_layers, memory_size=memory_size, context_size=context_size
+        )
         m, c = memory_size, context_size
         widths = [input_size] + [hidden_size] * (num_layers - 1)
         self.pre = nn.ModuleList(nn.Linear(w, 2 * m) for w in widths)  # W_1, W_2
@@ -247,13 +224,7 @@ class FFMCore(Core):
             torch.log(math.log(2) / half_lives).expand(num_layers, m).clone()
         )
         self.omega = nn.Parameter(torch.linspace(0, math.pi, c).expand(num_layers, c).clone())
-        self.feature_shape = (input_size,)
-        self.output_shape = (hidden_size,)
         self.state_shapes = ((num_layers, m, c, 2),)
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def gammas(self) -> torch.Tensor:
         """(num_layers, m, c) complex: ``exp(-alpha_j - i omega_k)``, |gamma| < 1."""
@@ -268,8 +239,6 @@ class FFMCore(Core):
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            return x.new_zeros(*x.shape[:2], self.hidden_size), state
         gammas, finals = self.gammas(), []
         for k in range(self.num_layers):
             value, gate = self.pre[k](x).chunk(2, -1)
@@ -285,7 +254,7 @@ class FFMCore(Core):
         return x, (torch.stack(finals, 1),)
 
 
-class MambaCore(Core):
+class MambaCore(VectorCore):
     """A selective state-space block in the manner of Mamba (Gu & Dao 2023, "Mamba: Linear-Time
     Sequence Modeling with Selective State Spaces"), pure PyTorch, ``num_layers`` stacked with
     residuals. Per layer, with E = hidden_size channels and N = state_size:
@@ -309,13 +278,11 @@ class MambaCore(Core):
         state_size: int = 16,
         conv_size: int = 4,
     ) -> None:
-        super().__init__()
-        check_positive(
-            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
-            state_size=state_size, conv_size=conv_size,
-        )  # fmt: skip
+        super().__init__(
+            input_size, hidden_size, num_layers, state_size=state_size, conv_size=conv_size
+        )
         E, N = hidden_size, state_size
-        self.hidden_size, self.num_layers, self.conv_size = E, num_layers, conv_size
+        self.conv_size = conv_size
         self.encoder = nn.Linear(input_size, E)
         self.w_in = nn.ModuleList(nn.Linear(E, 2 * E) for _ in range(num_layers))
         self.conv = nn.Parameter(torch.randn(num_layers, conv_size, E) / conv_size**0.5)
@@ -327,13 +294,7 @@ class MambaCore(Core):
         self.a_log = nn.Parameter(torch.log(a).clone())
         self.d = nn.Parameter(torch.ones(num_layers, E))
         self.w_out = nn.ModuleList(nn.Linear(E, E) for _ in range(num_layers))
-        self.feature_shape = (input_size,)
-        self.output_shape = (hidden_size,)
         self.state_shapes = ((num_layers, E, N), (num_layers, conv_size - 1, E))
-
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
 
     def _conv(
         self, k: int, u: torch.Tensor, window: torch.Tensor, is_first: torch.Tensor
@@ -355,8 +316,6 @@ class MambaCore(Core):
     def _unroll(
         self, x: torch.Tensor, state: State, is_first: torch.Tensor
     ) -> tuple[torch.Tensor, State]:
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            return x.new_zeros(*x.shape[:2], self.hidden_size), state
         h, hs, windows = self.encoder(x), [], []
         for k in range(self.num_layers):
             u, g = self.w_in[k](h).chunk(2, -1)

@@ -19,7 +19,7 @@ import json
 import shutil
 import statistics
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -38,7 +38,7 @@ DEFAULT_ENVS = (
     "popgym/HigherLowerEasy",  # game
     "popgym/MineSweeperEasy",  # game
 )
-VECTOR_CORES = ("none", "gru", "lstm", "s4d", "mingru", "minlstm", "linear_attention", "lru", "ffm")
+VECTOR_CORES: tuple[str, ...] = get_args(VectorCoreName)
 
 
 @dataclasses.dataclass
