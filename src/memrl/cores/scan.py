@@ -33,15 +33,21 @@ from torch.nn import functional as F
 from memrl.cores.base import State, VectorCore
 
 
+def _scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The forward loop: one fused multiply-add per step into a preallocated output."""
+    h = torch.empty_like(b)
+    previous = h0
+    for t in range(b.shape[0]):
+        previous = torch.addcmul(b[t], a[t], previous, out=h[t])
+    return h
+
+
 class _LinearScan(torch.autograd.Function):
     """``h_t = a_t * h_{t-1} + b_t`` over t: a, b (T, B, H), h0 (B, H) -> h (T, B, H)."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        h = torch.empty_like(b)
-        previous = h0
-        for t in range(b.shape[0]):
-            previous = torch.addcmul(b[t], a[t], previous, out=h[t])
+        h = _scan(a, b, h0)
         ctx.save_for_backward(a, h, h0)
         return h
 
@@ -68,6 +74,8 @@ def linear_scan(
         a = a * keep
     if b.shape[0] == 0:
         return b.clone()
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (a, b, h0)):
+        return _scan(a, b, h0)  # acting: plain ops, which an exported graph can hold
     return _LinearScan.apply(a.contiguous(), b.contiguous(), h0.contiguous())
 
 
