@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[dev,docs]'
+	$(PIP) -e '.[dev,docs,deploy]'
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed

@@ -41,14 +41,19 @@ def runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("core", get_args(VectorCoreName))
-def test_the_exported_step_equals_the_policy_over_a_stream_with_resets(core, runs, tmp_path):
-    """200 steps of 3 streams, episodes starting at random steps: the TorchScript file and the
-    PyTorch policy give the same actions and the same memory (1e-5), whatever the batch size it
-    was traced with."""
+CASES = [(core, "torchscript") for core in get_args(VectorCoreName)] + [
+    (core, "onnx") for core in get_args(VectorCoreName) if core not in deploy.COMPLEX_STATE
+]
+
+
+@pytest.mark.parametrize(("core", "fmt"), CASES)
+def test_the_exported_step_equals_the_policy_over_a_stream_with_resets(core, fmt, runs, tmp_path):
+    """200 steps of 3 streams, episodes starting at random steps: the exported file (TorchScript,
+    or ONNX run by onnxruntime) and the PyTorch policy give the same actions and the same memory
+    (1e-5), whatever the batch size it was traced with."""
     run = runs(core, "--norm-obs")
-    out = tmp_path / "policy.ts"
-    assert main(["export", str(run), "--output", str(out)]) == 0
+    out = tmp_path / ("policy.onnx" if fmt == "onnx" else "policy.ts")
+    assert main(["export", str(run), "--output", str(out), "--format", fmt]) == 0
     exported, reference = deploy.load(out), deploy.load_policy(run)
     gen = torch.Generator().manual_seed(0)
     for runner in (exported, reference):
@@ -74,3 +79,8 @@ def test_the_runner_carries_memory_and_export_errors_are_clear(runs, tmp_path, c
     assert torch.equal(runner.act(obs, torch.tensor([True])), first)  # a new episode: afresh
     assert main(["export", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.ts")]) == 2
     assert "is not a memrl ppo run directory" in capsys.readouterr().err
+    args = ["export", str(runs("lru")), "--format", "onnx", "--output", str(tmp_path / "x.onnx")]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has core lru, whose state is complex numbers, which ONNX cannot hold" in err
+    assert not (tmp_path / "x.onnx").exists()

@@ -13,8 +13,11 @@ batch first, in the order of ``policy.initial_state``; the file records their sh
 >>> runner.reset(batch_size=1)
 >>> action = runner.act(obs, is_first)  # carries the memory to the next call
 
-This slice exports ``memrl ppo`` runs to TorchScript; ONNX, bc and spatial runs, and action
-masks inside the graph are still to come.
+Formats: ``torchscript`` (every core) and ``onnx`` (inputs ``obs``, ``is_first``,
+``state_0..k``, outputs ``action``, ``value``, ``next_state_0..k``, a dynamic batch axis; run by
+onnxruntime, ``pip install memrl[deploy]``). ONNX has no complex numbers, so the cores whose
+state is complex (s4d, lru, ffm) export to TorchScript only, and asking for ONNX names them.
+bc and spatial runs and action masks inside the graph are still to come.
 """
 
 from __future__ import annotations
@@ -102,8 +105,32 @@ def load_policy(run_dir: str | Path) -> Runner:
     return Runner(PolicyStep(agent), shapes)
 
 
+COMPLEX_STATE = ("s4d", "lru", "ffm")  # their state is complex modes: not ONNX
+
+
+class _OnnxStep:
+    """An onnxruntime session called like the PyTorch step: tensors in, tensors out."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path))
+        self.inputs = [i.name for i in self.session.get_inputs()]  # an unused one is dropped
+
+    def __call__(self, obs, is_first, *state):
+        named = {"obs": obs, "is_first": is_first} | {f"state_{i}": s for i, s in enumerate(state)}
+        feed = {name: named[name].numpy() for name in self.inputs}
+        return tuple(torch.from_numpy(out) for out in self.session.run(None, feed))
+
+
 def load(path: str | Path) -> Runner:
-    """A :class:`Runner` on a file written by ``memrl export``."""
+    """A :class:`Runner` on a file written by ``memrl export`` (TorchScript or ONNX)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        return Runner(_OnnxStep(path), json.loads(meta["memrl"])["state_shapes"])
     files = {"memrl.json": ""}
     step = torch.jit.load(str(path), _extra_files=files)
     return Runner(step, json.loads(files["memrl.json"])["state_shapes"])
@@ -116,9 +143,13 @@ class ExportConfig:
     run_dir: Annotated[Path, tyro.conf.Positional]
     """Run directory written by `memrl ppo`."""
     output: Path = Path("policy.ts")
-    """File to write."""
-    format: Literal["torchscript"] = "torchscript"
-    """torchscript (onnx is still to come)."""
+    """File to write (an onnx file is named *.onnx)."""
+    format: Literal["torchscript", "onnx"] = "torchscript"
+    """torchscript (every core) or onnx (not the complex-state cores s4d, lru, ffm)."""
+
+    def __post_init__(self) -> None:
+        if self.format == "onnx" and self.output.suffix != ".onnx":
+            raise ValueError(f"--output {self.output}; an onnx file is named *.onnx")
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -126,15 +157,39 @@ def export(cfg: ExportConfig) -> Path:
     state shapes; returns the file."""
     check_writable_file(cfg.output, "--output")
     agent = load_agent(cfg.run_dir)
+    if cfg.format == "onnx" and agent.cfg.core in COMPLEX_STATE:
+        raise ConfigError(
+            f"--format onnx: {cfg.run_dir} has core {agent.cfg.core}, whose state is complex "
+            "numbers, which ONNX cannot hold; use --format torchscript"
+        )
     step = PolicyStep(agent)
     state = agent.policy.initial_state(2)
     obs = torch.zeros(2, agent.obs_norm.stats.mean.numel())
     example = (obs, torch.tensor([True, False]), *state)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(step, example, check_trace=False)
     meta = {"state_shapes": [list(s.shape[1:]) for s in state], "core": agent.cfg.core,
             "env": agent.cfg.env}  # fmt: skip
-    torch.jit.save(traced, str(cfg.output), _extra_files={"memrl.json": json.dumps(meta)})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes, and TorchScript's deprecation notice
+        if cfg.format == "onnx":
+            _export_onnx(step, example, cfg.output, meta)
+        else:
+            traced = torch.jit.trace(step, example, check_trace=False)
+            torch.jit.save(traced, str(cfg.output), _extra_files={"memrl.json": json.dumps(meta)})
     print(f"export: {cfg.run_dir} ({agent.cfg.core}) -> {cfg.output}")
     return cfg.output
+
+
+def _export_onnx(step: PolicyStep, example: tuple, path: Path, meta: dict) -> None:
+    import onnx
+
+    names = [f"state_{i}" for i in range(len(example) - 2)]
+    inputs = ["obs", "is_first", *names]
+    torch.onnx.export(
+        step, example, str(path), input_names=inputs,
+        output_names=["action", "value", *(f"next_{n}" for n in names)],
+        dynamic_axes={n: {0: "batch"} for n in inputs}, dynamo=False,
+    )  # fmt: skip
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "memrl", json.dumps(meta)
+    onnx.save(model, str(path))

@@ -70,12 +70,18 @@ def linear_scan(
     """Every ``h_t = a_t * h_{t-1} + b_t`` from ``h0``: a, b (T, B, ...), h0 (B, ...), real or
     complex; where ``is_first`` (T, B) is true the carry is cut (``a_t = 0``), so ``h_t = b_t``."""
     if is_first is not None:
-        keep = (~is_first).to(a.real.dtype).view(*is_first.shape, *([1] * (a.dim() - 2)))
+        real = a.real.dtype if a.is_complex() else a.dtype  # no .real: ONNX has no complex
+        keep = (~is_first).to(real).view(*is_first.shape, *([1] * (a.dim() - 2)))
         a = a * keep
     if b.shape[0] == 0:
         return b.clone()
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (a, b, h0)):
-        return _scan(a, b, h0)  # acting: plain ops, which an exported graph can hold
+        # acting: plain functional ops (no Function, no out=), which an exported graph holds
+        steps, h = [], h0
+        for t in range(b.shape[0]):
+            h = torch.addcmul(b[t], a[t], h)
+            steps.append(h)
+        return torch.stack(steps)
     return _LinearScan.apply(a.contiguous(), b.contiguous(), h0.contiguous())
 
 
