@@ -244,6 +244,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-conv", action="store_true", help="leave out the ConvGRU timings")
     parser.add_argument("--skip-zoo", action="store_true", help="leave out the memory zoo rows")
+    parser.add_argument(
+        "--skip-peers", action="store_true", help="leave out the LSTM/GRU peer table"
+    )
     parser.add_argument("--conv-T", type=int, default=16, help="ConvGRU training unroll length")
     parser.add_argument("--conv-B", type=int, default=4, help="ConvGRU training batch")
     args = parser.parse_args()
@@ -256,15 +259,16 @@ def main() -> None:
         f"input {args.input_size}, hidden {args.hidden_size}, resets Bernoulli(1/32); "
         f"forward + backward, median of {args.repeats} interleaved repeats\n"
     )
-    kinds = ("lstm", "gru")
+    kinds = () if args.skip_peers else ("lstm", "gru")
     cases = {
         k: rnn_cases(k, args.T, args.B, args.input_size, args.hidden_size, args.alternatives)
         for k in kinds
     }
     merged = {f"{k}|{name}": fn for k in kinds for name, fn in cases[k].items()}
     medians = interleaved(merged, args.repeats)
-    print("| method | ms | peer / memrl |")
-    print("|---|---:|---:|")
+    if kinds:
+        print("| method | ms | peer / memrl |")
+        print("|---|---:|---:|")
     for k in kinds:
         names = list(cases[k])
         ours = medians[f"{k}|{names[0]}"]
