@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,3 +368,20 @@ def test_a_config_saved_before_the_cosine_default_loads_with_the_plateau_schedul
     assert (cfg.optimizer, cfg.schedule, cfg.lr_patience) == ("adam", "plateau", 2)
     path.write_text("epochs: 20\n")
     assert load_config(BCConfig, path).schedule == "cosine"
+
+
+def test_bc_defaults_in_help_are_the_ones_the_results_table_measured(capsys):
+    """docs/results.md names the defaults its BC rows were measured with; `memrl bc --help`
+    must show the same, so a changed default cannot leave the table behind."""
+    results = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
+    measured = re.search(r"measured with the defaults `memrl bc ([^`]+)`", results)
+    assert measured, "docs/results.md: the line naming the measured BC defaults is missing"
+    with pytest.raises(SystemExit):
+        main(["bc", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    flags = re.findall(r"(--[\w-]+) (\S+)", measured.group(1))
+    assert len(flags) >= 6
+    for flag, value in flags:
+        metavar = r" (?:[A-Z]+|\{[^}]*\}) .*?\(default: ([^)]+)\)"  # --lr FLOAT ... (default:
+        shown = re.search(re.escape(flag) + metavar, help_text)
+        assert shown and shown.group(1) == value, (flag, value, shown and shown.group(1))
