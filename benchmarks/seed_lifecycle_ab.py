@@ -41,7 +41,7 @@ from memrl.envs import make_vector_env, vector_env_seeds
 from memrl.envs.seed_lifecycle import Op
 from memrl.rl.agent import PPOAgent
 from memrl.rl.config import PPOConfig
-from memrl.rl.evaluate import evaluate_episodes
+from memrl.rl.evaluate import ended_episodes, evaluate_episodes
 from memrl.rl.ppo import train_ppo
 from memrl.runs import load_checkpoint, read_metrics, write_json
 from memrl.runs.metrics import plt
@@ -137,12 +137,7 @@ def scripted_episodes(args: argparse.Namespace, policy) -> list[dict[str, float]
     returns, found = np.zeros(envs.num_envs), []
     while len(found) < args.episodes:
         _, reward, done, _, info = envs.step(policy(info["action_mask"]))
-        returns += reward
-        stats = info.get("final_info", {}).get("episode", {})
-        for i in np.flatnonzero(done):
-            found.append({"return": float(returns[i])})
-            found[-1].update({k: float(v[i]) for k, v in stats.items() if not k.startswith("_")})
-        returns[done] = 0.0
+        found += ended_episodes(returns, reward, done, info)
     envs.close()
     return found[: args.episodes]
 

@@ -98,18 +98,27 @@ def evaluate_episodes(
             action = dist.mode() if greedy else dist.sample()
             obs_np, reward, term, trunc, info = envs.step(agent.env_actions(action))
             done = term | trunc
-            returns += reward
-            stats = info.get("final_info", {}).get("episode", {})
-            for i in np.flatnonzero(done):
-                finished.append({"return": float(returns[i])})
-                finished[-1].update(
-                    {k: float(v[i]) for k, v in stats.items() if not k.startswith("_")}
-                )
-            returns[done] = 0.0
+            finished += ended_episodes(returns, reward, done, info)
             is_first = torch.as_tensor(done, device=device)
             t += 1
     envs.close()
     return finished[:episodes]
+
+
+def ended_episodes(
+    returns: np.ndarray, reward: np.ndarray, done: np.ndarray, info: dict
+) -> list[dict[str, float]]:
+    """Add a same-step-autoreset vector env's ``reward`` to the running ``returns`` (N,), and
+    for each env that ``done`` marks: its episode's return and the numbers of its final
+    ``info["episode"]`` (its running return then restarts at 0)."""
+    returns += reward
+    stats = info.get("final_info", {}).get("episode", {})
+    ended = []
+    for i in np.flatnonzero(done):
+        ended.append({"return": float(returns[i])})
+        ended[-1].update({k: float(v[i]) for k, v in stats.items() if not k.startswith("_")})
+    returns[done] = 0.0
+    return ended
 
 
 def run_ppo_eval(cfg: PPOEvalConfig) -> dict:
