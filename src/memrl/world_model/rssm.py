@@ -107,9 +107,27 @@ class RSSMConfig:
         return self.stoch_size if self.latent == "gaussian" else self.groups * self.classes
 
 
+def he_init(module: nn.Module) -> None:
+    """He (Kaiming) normal initialisation of every convolution in ``module``, biases zero.
+
+    PyTorch's default (uniform, variance 1 / (3 fan_in)) shrinks the signal at every layer:
+    measured at init, the encoder's embedding varied across frames by 0.0017 at grid 32 and
+    0.0003 at grid 64 (four layers), the decoder's output by 0.012 and 0.0025, so the gradient
+    that teaches the models to locate a small dot all but vanished and they predicted the empty
+    frame for hundreds of steps (at grid 64 for all 480 steps of 30 epochs). With this: 0.024
+    and 0.013 for the embedding, 0.023 and 0.008 for the decoder.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d):
+            # a transposed conv's weight is (in, out, k, k): torch's "fan_out" counts its inputs
+            mode = "fan_in" if isinstance(layer, nn.Conv2d) else "fan_out"
+            nn.init.kaiming_normal_(layer.weight, mode=mode, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+
 class CNNEncoder(nn.Module):
     """obs (N, 1, H, W) -> embed (N, channels[-1] * S * S): stride-2 4x4 convs with SiLU, down
-    to an S x S map (S = ``RSSMConfig.final_size``).
+    to an S x S map (S = ``RSSMConfig.final_size``), He-initialised (:func:`he_init`).
 
     Convolutions run channels-last (measured 1.6x faster forward + backward on this CPU)."""
 
@@ -120,6 +138,7 @@ class CNNEncoder(nn.Module):
             layers += [nn.Conv2d(inp, out, 4, stride=2, padding=1), nn.SiLU()]
             inp = out
         self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        he_init(self.net)
         self.embed_size = channels[-1] * final_size**2
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -128,7 +147,7 @@ class CNNEncoder(nn.Module):
 
 class CNNDecoder(nn.Module):
     """features (N, F) -> image mean (N, 1, H, W): a linear map to an S x S map, then stride-2
-    4x4 transposed convs mirroring the encoder."""
+    4x4 transposed convs mirroring the encoder, He-initialised (:func:`he_init`)."""
 
     def __init__(self, input_size: int, channels: tuple[int, ...], final_size: int = 4) -> None:
         super().__init__()
@@ -139,6 +158,7 @@ class CNNDecoder(nn.Module):
             layers += [nn.ConvTranspose2d(inp, out, 4, stride=2, padding=1), nn.SiLU()]
         # no activation on the output; channels-last as in the encoder
         self.net = nn.Sequential(*layers[:-1]).to(memory_format=torch.channels_last)
+        he_init(self.net)
         self.start = (rev[0], final_size, final_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

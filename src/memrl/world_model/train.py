@@ -34,6 +34,10 @@ from memrl.runs import (
 from memrl.runs.metrics import plt
 from memrl.world_model.rssm import RSSM, DeterministicModel, RSSMConfig, rssm_loss
 
+DOT_DRAWN = 0.5
+"""A model draws the dot once its frames' squared error is below this share of the empty
+frame's (``vs_blank`` < 0.5); ``time_to_dot`` is the first logged step where it does."""
+
 
 @dataclasses.dataclass
 class RSSMTrainConfig(RunOptions):
@@ -184,6 +188,8 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
         )
     bar.close()
     summary = figures | {"steps": step, "epochs": cfg.epochs}
+    if run.is_main:
+        summary |= time_to_dot(run.dir / "metrics.jsonl")
     if not run.finish(summary):
         return summary
     save_checkpoint(
@@ -200,20 +206,39 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
     return summary
 
 
+def vs_blank(recon: float, obs: torch.Tensor) -> float:
+    """A reconstruction loss as a share of the empty frame's on the same frames ``obs``."""
+    return recon / max(float(obs.square().sum((-3, -2, -1)).mean()), 1e-12)
+
+
+def time_to_dot(metrics_path: Path) -> dict[str, int | None]:
+    """The first logged step at which each model's ``vs_blank`` fell below :data:`DOT_DRAWN`
+    (None: never), read from ``metrics.jsonl`` (so a resumed run counts from its start)."""
+    records = read_metrics(metrics_path)
+    result: dict[str, int | None] = {}
+    for prefix in ("", "deterministic_"):
+        key = f"{prefix}vs_blank"
+        drawn = [r["step"] for r in records if r.get(key) is not None and r[key] < DOT_DRAWN]
+        result[f"{prefix}time_to_dot"] = min(drawn, default=None)
+    return result
+
+
 def _train_step(cfg: RSSMTrainConfig, model: RSSM, optimizer, batch) -> dict[str, float]:
     out = model(batch["obs"], batch["actions"], is_first=batch["is_first"])
     losses = rssm_loss(model, batch["obs"], out, cfg.beta, cfg.kl_balance, cfg.free_bits)
     grad_norm = distributed.optimizer_step(
         optimizer, losses["loss"], list(model.parameters()), cfg.grad_clip
     )
-    return {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": grad_norm}
+    figures = {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": grad_norm}
+    return figures | {"vs_blank": vs_blank(figures["recon"], batch["obs"])}
 
 
 def _baseline_step(cfg: RSSMTrainConfig, model: DeterministicModel, optimizer, batch):
     recon = model(batch["obs"], batch["actions"])["recon"]
     loss = (recon - batch["obs"]).square().sum((-3, -2, -1)).mean()
     distributed.optimizer_step(optimizer, loss, list(model.parameters()), cfg.grad_clip)
-    return {"deterministic_recon": float(loss.detach())}
+    loss = float(loss.detach())
+    return {"deterministic_recon": loss, "deterministic_vs_blank": vs_blank(loss, batch["obs"])}
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -264,15 +289,26 @@ def plot_rollout(model: RSSM, view: dict, K: int, path: Path, epoch: int, rows: 
 
 
 def plot_loss_curves(metrics_path: Path, path: Path) -> None:
-    """Reconstruction, KL and the baseline's reconstruction against step."""
+    """Reconstruction, KL, the baseline's reconstruction and both models' image error as a share
+    of the empty frame's against step."""
     records = read_metrics(metrics_path)
     keys = [
-        k for k in ("loss", "recon", "kl", "deterministic_recon") if any(k in r for r in records)
+        k
+        for k in ("loss", "recon", "kl", "deterministic_recon", "vs_blank")
+        if any(k in r for r in records)
     ]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points, strict=True))
+        lines = [key, "deterministic_vs_blank"] if key == "vs_blank" else [key]
+        for line in lines:
+            points = [(r["step"], r[line]) for r in records if r.get(line) is not None]
+            if points:
+                label = "rssm" if line == key else "deterministic"
+                ax.plot(*zip(*points, strict=True), label=label)
+        if key == "vs_blank":
+            ax.axhline(DOT_DRAWN, color="grey", linestyle="--", linewidth=0.8)
+            ax.legend(fontsize=7)
+            key = "image error / empty frame's"
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_yscale("log" if key != "kl" else "linear")
