@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from cells import memrl, train_or_resume, train_wall
+
 from memrl.imitation.evaluate import wilson_interval
-from memrl.runs import read_metrics, write_json
+from memrl.runs import write_json
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "bc": ("BC-CNN, defaults", ["bc"]),
@@ -55,20 +54,6 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 """Row key -> (label, the training command's arguments after ``memrl``)."""
 
 
-def memrl(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "memrl", *args], check=True)
-
-
-def train_wall(run_dir: Path, measured: float) -> float:
-    """The run's training seconds: its summary's, else its last metrics record's time, else
-    what this process measured."""
-    wall = json.loads((run_dir / "summary.json").read_text()).get("wall_seconds")
-    if wall is None:
-        records = read_metrics(run_dir / "metrics.jsonl")
-        wall = records[-1].get("time", measured) if records else measured
-    return wall
-
-
 def run_cell(args: argparse.Namespace, row: str, seed: int) -> dict | None:
     """Train (or resume) and evaluate one cell; None when --report and it is not finished."""
     run_dir = args.out_dir / f"{row}-seed{seed}"
@@ -79,12 +64,7 @@ def run_cell(args: argparse.Namespace, row: str, seed: int) -> dict | None:
         return None
     command = [*ROWS[row][1], "--dataset", str(args.dataset), "--seed", str(seed)]
     start = time.perf_counter()
-    if not (run_dir / "summary.json").exists():
-        if (run_dir / "checkpoints" / "last.pt").exists():
-            memrl(*command, "--resume", str(run_dir))
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # killed before its first checkpoint
-            memrl(*command, "--output-dir", str(run_dir), "--device", args.device)
+    train_or_resume(run_dir, command, "--output-dir", args.device)
     wall = time.perf_counter() - start
     memrl("imitation-eval", str(run_dir), "--episodes", str(args.episodes), "--seed",
           str(args.eval_seed), "--videos", "0", "--device", args.device)  # fmt: skip
