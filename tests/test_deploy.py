@@ -11,6 +11,8 @@ import torch
 from memrl import deploy
 from memrl.cli import main
 from memrl.cores import VectorCoreName
+from memrl.imitation.evaluate import RecurrentController
+from memrl.imitation.evaluate import load_policy as load_imitation_policy
 
 TINY = ["--num-envs", "2", "--rollout-steps", "16", "--total-steps", "32", "--hidden-size", "8"]
 
@@ -78,9 +80,80 @@ def test_the_runner_carries_memory_and_export_errors_are_clear(runs, tmp_path, c
     assert not all(torch.equal(a, b) for a, b in zip(state_after_one, runner.state, strict=True))
     assert torch.equal(runner.act(obs, torch.tensor([True])), first)  # a new episode: afresh
     assert main(["export", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.ts")]) == 2
-    assert "is not a memrl ppo run directory" in capsys.readouterr().err
+    assert "is not a memrl ppo or bc run directory" in capsys.readouterr().err
     args = ["export", str(runs("lru")), "--format", "onnx", "--output", str(tmp_path / "x.onnx")]
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "has core lru, whose state is complex numbers, which ONNX cannot hold" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+BC_CASES = {
+    "plain": [],
+    "gru-state-spherical": ["--use-gru", "--use-state", "--use-spherical"],
+    "stack": ["--frame-stack", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def bc_runs(push_demos, tmp_path_factory):
+    made = {}
+
+    def run(name: str):
+        if name not in made:
+            out = tmp_path_factory.mktemp("bc") / name
+            args = ["bc", "--dataset", str(push_demos(12)), "--epochs", "1", "--batch-size", "32"]
+            assert main([*args, *BC_CASES[name], "--device", "cpu", "--output-dir", str(out)]) == 0
+            made[name] = out
+        return made[name]
+
+    run.demos = push_demos(12)
+    return run
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("name", list(BC_CASES))
+def test_an_exported_bc_step_equals_the_policy_on_raw_images(name, fmt, bc_runs, tmp_path):
+    """200 steps of 3 streams of raw env observations (HWC uint8 images, gripper state) with
+    episodes starting at random steps: the exported file and the PyTorch policy give the same
+    decoded actions and the same memory (frame-stack window, GRU state)."""
+    run = bc_runs(name)
+    out = tmp_path / ("policy.onnx" if fmt == "onnx" else "policy.ts")
+    assert main(["export", str(run), "--output", str(out), "--format", fmt]) == 0
+    exported, reference = deploy.load(out), deploy.load_policy(run)
+    assert exported.inputs == ["image", "state"] and exported.outputs == ["action"]
+    # what imitation-eval runs in the env, stream 0 only
+    controller = RecurrentController(load_imitation_policy(run, torch.device("cpu"))[0])
+    gen = torch.Generator().manual_seed(0)
+    for runner in (exported, reference):
+        runner.reset(3)
+    for t in range(200):
+        obs = {
+            "image": torch.randint(0, 256, (3, 84, 84, 3), dtype=torch.uint8, generator=gen),
+            "state": torch.rand(3, 3, generator=gen) * 2 - 1,
+        }
+        is_first = (torch.rand(3, generator=gen) < 0.05) | (t == 0)
+        a, b = exported.act(obs, is_first), reference.act(obs, is_first)
+        assert a.shape == (3, 3) and a.abs().max() <= 1
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        for got, want in zip(exported.state, reference.state, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if is_first[0]:
+            controller.reset()
+        image = obs["image"][0].permute(2, 0, 1)
+        torch.testing.assert_close(b[0], controller(image, obs["state"][0]), rtol=0, atol=1e-5)
+    assert len(reference.state) == {"plain": 0, "gru-state-spherical": 1, "stack": 1}[name]
+
+
+def test_bc_runner_needs_both_inputs_and_act_runs_are_refused(bc_runs, tmp_path, capsys):
+    runner = deploy.load_policy(bc_runs("plain"))
+    with pytest.raises(ValueError, match=r"obs lacks \['state'\]; this policy takes"):
+        runner.act({"image": torch.zeros(1, 84, 84, 3, dtype=torch.uint8)})
+    act = tmp_path / "act"
+    size = ["--d-model", "32", "--heads", "2", "--feedforward", "64", "--chunk-size", "5"]
+    args = ["act", "--dataset", str(bc_runs.demos), "--epochs", "1", "--output-dir", str(act)]
+    assert main([*args, *size, "--batch-size", "32", "--device", "cpu"]) == 0
+    assert main(["export", str(act), "--output", str(tmp_path / "act.ts")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds an act policy; export takes ppo and bc runs" in err
+    assert not (tmp_path / "act.ts").exists()

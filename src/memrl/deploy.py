@@ -1,12 +1,21 @@
 """Deploy a trained memory policy: ``memrl export`` writes one policy step, with its memory as
-explicit tensors, to a TorchScript file; ``memrl.deploy.load`` runs it and keeps the memory.
+explicit tensors, to a TorchScript or ONNX file; ``memrl.deploy.load`` runs it and keeps the
+memory.
 
-The exported graph is **one step**: ``forward(obs (B, D) float32, is_first (B,) bool,
-state_0, ..., state_k)`` -> ``(action, value, next_state_0, ..., next_state_k)``, batch size
-free. The observation normalisation of the run (if it trained with ``--norm-obs``) is inside,
-so a robot feeds raw observations; ``action`` is the greedy action (per head the most probable
-index, (B, heads) int64; or the Gaussian's mean, (B, D)). The state tensors are the core's,
-batch first, in the order of ``policy.initial_state``; the file records their shapes.
+The exported graph is **one step**, batch size free:
+
+- a ``memrl ppo`` policy: ``forward(obs (B, D) float32, is_first (B,) bool, state_0, ...,
+  state_k)`` -> ``(action, value, next_state_0, ..., next_state_k)``. The observation
+  normalisation of the run (if it trained with ``--norm-obs``) is inside, so a robot feeds raw
+  observations; ``action`` is the greedy action (per head the most probable index, (B, heads)
+  int64; or the Gaussian's mean, (B, D)).
+- a ``memrl bc`` policy: ``forward(image (B, H, W, 3) uint8 as the push env renders it, state
+  (B, 3) float32, is_first, state_0, ...)`` -> ``(action (B, 3), next_state_0, ...)``, the action
+  decoded (spherical -> Cartesian, unscaled, clipped) inside; the memory is the frame stack's
+  window and the GRU's state, whichever the policy has.
+
+The state tensors are batch first, in the order of ``policy.initial_state``; the file records
+their shapes and the graph's input and output names.
 
 >>> memrl export runs/ppo --output policy.ts
 >>> runner = memrl.deploy.load("policy.ts")
@@ -17,7 +26,8 @@ Formats: ``torchscript`` (every core) and ``onnx`` (inputs ``obs``, ``is_first``
 ``state_0..k``, outputs ``action``, ``value``, ``next_state_0..k``, a dynamic batch axis; run by
 onnxruntime, ``pip install memrl[deploy]``). ONNX has no complex numbers, so the cores whose
 state is complex (s4d, lru, ffm) export to TorchScript only, and asking for ONNX names them.
-bc and spatial runs and action masks inside the graph are still to come.
+act runs (action chunks, executed by the controller), spatial runs and action masks inside the
+graph are still to come.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,6 +44,7 @@ import tyro
 from torch import nn
 
 from memrl.envs import make_vector_env
+from memrl.imitation.bc import VisuomotorBCPolicy
 from memrl.rl.agent import PPOAgent
 from memrl.rl.config import PPOConfig
 from memrl.rl.distributions import make_distribution
@@ -58,12 +70,49 @@ class PolicyStep(nn.Module):
         return (dist.mode(), value, *next_state)
 
 
+class VisuomotorStep(nn.Module):
+    """One step of a BC policy, images as the env renders them and the action decoded (see the
+    module docstring)."""
+
+    def __init__(self, policy: VisuomotorBCPolicy) -> None:
+        super().__init__()
+        self.policy = policy.cpu().eval()
+
+    def forward(self, image: torch.Tensor, state: torch.Tensor, is_first: torch.Tensor, *memory):
+        images = image.permute(0, 3, 1, 2)[None]  # (1, B, 3, H, W): one step of a sequence
+        raw, next_memory = self.policy(images, state[None], tuple(memory), is_first[None])
+        return (self.policy.to_action(raw)[0], *next_memory)
+
+
+@dataclasses.dataclass
+class StepSpec:
+    """What a one-step module takes and gives: its inputs before ``is_first`` (names and example
+    tensors at batch 2), its outputs before the next state, its initial state at batch 2."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    state: tuple[torch.Tensor, ...]
+    meta: dict
+
+    @property
+    def state_shapes(self) -> list[list[int]]:
+        return [list(s.shape[1:]) for s in self.state]
+
+
 class Runner:
     """Acts with an exported (or in-memory) one-step policy and keeps its memory between calls:
-    ``reset(batch_size)``, then ``act(obs, is_first)`` per step."""
+    ``reset(batch_size)``, then ``act(obs, is_first)`` per step; ``obs`` is a tensor, or for a
+    visuomotor policy a mapping with its ``image`` and ``state``."""
 
-    def __init__(self, step: nn.Module, state_shapes: list[list[int]]) -> None:
+    def __init__(
+        self,
+        step: nn.Module,
+        state_shapes: list[list[int]],
+        inputs: list[str] = ("obs",),
+        outputs: list[str] = ("action", "value"),
+    ) -> None:
         self.step, self.state_shapes = step, [tuple(s) for s in state_shapes]
+        self.inputs, self.outputs = list(inputs), list(outputs)
         self.state: tuple[torch.Tensor, ...] = ()
 
     def reset(self, batch_size: int) -> None:
@@ -71,16 +120,26 @@ class Runner:
         self.state = tuple(torch.zeros(batch_size, *s) for s in self.state_shapes)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, is_first: torch.Tensor | None = None) -> torch.Tensor:
-        """The greedy action for ``obs`` (B, D); ``is_first`` (B,) bool marks streams whose
-        episode starts here (default: none)."""
-        obs = torch.as_tensor(obs, dtype=torch.float32)
+    def act(self, obs, is_first: torch.Tensor | None = None) -> torch.Tensor:
+        """The greedy action for ``obs`` (B, D) (or ``{"image": (B, H, W, 3) uint8, "state":
+        (B, 3)}``); ``is_first`` (B,) bool marks streams whose episode starts here (default:
+        none)."""
+        named = obs if isinstance(obs, Mapping) else {self.inputs[0]: obs}
+        missing = [name for name in self.inputs if name not in named]
+        if missing:
+            raise ValueError(f"obs lacks {missing}; this policy takes {self.inputs}")
+        values = [
+            torch.as_tensor(named[name], dtype=None if name == "image" else torch.float32)
+            for name in self.inputs
+        ]
+        batch = len(values[0])
         if not self.state:
-            self.reset(len(obs))
+            self.reset(batch)
         if is_first is None:
-            is_first = torch.zeros(len(obs), dtype=torch.bool)
-        action, _, *state = self.step(obs, torch.as_tensor(is_first, dtype=torch.bool), *self.state)
-        self.state = tuple(state)
+            is_first = torch.zeros(batch, dtype=torch.bool)
+        is_first = torch.as_tensor(is_first, dtype=torch.bool)
+        action, *rest = self.step(*values, is_first, *self.state)
+        self.state = tuple(rest[len(self.outputs) - 1 :])
         return action
 
 
@@ -98,11 +157,38 @@ def load_agent(run_dir: Path) -> PPOAgent:
     return agent
 
 
+def load_step(run_dir: Path) -> tuple[nn.Module, StepSpec]:
+    """The one-step module of a ``memrl ppo`` or ``memrl bc`` run directory and its spec."""
+    if (run_dir / "policy.pt").is_file():  # an imitation run
+        from memrl.imitation.evaluate import load_policy as load_imitation
+
+        policy, env_config = load_imitation(run_dir, torch.device("cpu"))
+        if not isinstance(policy, VisuomotorBCPolicy):
+            raise ConfigError(
+                f"{run_dir} holds an act policy; export takes ppo and bc runs (an action chunk "
+                "is executed by a controller, outside a one-step graph)"
+            )
+        size = env_config.image_size
+        inputs = {"image": torch.zeros(2, size, size, 3, dtype=torch.uint8),
+                  "state": torch.zeros(2, 3)}  # fmt: skip
+        meta = {"kind": "bc", "use_gru": policy.core is not None}
+        spec = StepSpec(inputs, ["action"], policy.initial_state(2), meta)
+        return VisuomotorStep(policy), spec
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"{run_dir} is not a memrl ppo or bc run directory (no config.yaml or policy.pt)"
+        )
+    agent = load_agent(run_dir)
+    inputs = {"obs": torch.zeros(2, agent.obs_norm.stats.mean.numel())}
+    meta = {"kind": "ppo", "core": agent.cfg.core, "env": agent.cfg.env}
+    spec = StepSpec(inputs, ["action", "value"], agent.policy.initial_state(2), meta)
+    return PolicyStep(agent), spec
+
+
 def load_policy(run_dir: str | Path) -> Runner:
     """A :class:`Runner` on the run's PyTorch policy (what an exported file must equal)."""
-    agent = load_agent(Path(run_dir))
-    shapes = [list(s.shape[1:]) for s in agent.policy.initial_state(1)]
-    return Runner(PolicyStep(agent), shapes)
+    step, spec = load_step(Path(run_dir))
+    return Runner(step, spec.state_shapes, list(spec.inputs), spec.outputs)
 
 
 COMPLEX_STATE = ("s4d", "lru", "ffm")  # their state is complex modes: not ONNX
@@ -111,14 +197,16 @@ COMPLEX_STATE = ("s4d", "lru", "ffm")  # their state is complex modes: not ONNX
 class _OnnxStep:
     """An onnxruntime session called like the PyTorch step: tensors in, tensors out."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, names: list[str]) -> None:
         import onnxruntime
 
+        self.names = names  # the inputs before is_first
         self.session = onnxruntime.InferenceSession(str(path))
         self.inputs = [i.name for i in self.session.get_inputs()]  # an unused one is dropped
 
-    def __call__(self, obs, is_first, *state):
-        named = {"obs": obs, "is_first": is_first} | {f"state_{i}": s for i, s in enumerate(state)}
+    def __call__(self, *tensors):
+        names = [*self.names, "is_first"] + [f"state_{i}" for i in range(len(tensors))]
+        named = dict(zip(names, tensors, strict=False))
         feed = {name: named[name].numpy() for name in self.inputs}
         return tuple(torch.from_numpy(out) for out in self.session.run(None, feed))
 
@@ -129,19 +217,26 @@ def load(path: str | Path) -> Runner:
     if path.suffix == ".onnx":
         import onnx
 
-        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-        return Runner(_OnnxStep(path), json.loads(meta["memrl"])["state_shapes"])
-    files = {"memrl.json": ""}
-    step = torch.jit.load(str(path), _extra_files=files)
-    return Runner(step, json.loads(files["memrl.json"])["state_shapes"])
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        meta = json.loads(props["memrl"])
+        inputs = meta.get("inputs", ["obs"])
+        step = _OnnxStep(path, inputs)
+    else:
+        files = {"memrl.json": ""}
+        step = torch.jit.load(str(path), _extra_files=files)
+        meta = json.loads(files["memrl.json"])
+        inputs = meta.get("inputs", ["obs"])
+    outputs = meta.get("outputs", ["action", "value"])
+    return Runner(step, meta["state_shapes"], inputs, outputs)
 
 
 @dataclasses.dataclass
 class ExportConfig:
-    """Export one step of a trained `memrl ppo` policy, its memory as explicit tensors."""
+    """Export one step of a trained `memrl ppo` or `memrl bc` policy, its memory as explicit
+    tensors."""
 
     run_dir: Annotated[Path, tyro.conf.Positional]
-    """Run directory written by `memrl ppo`."""
+    """Run directory written by `memrl ppo` or `memrl bc`."""
     output: Path = Path("policy.ts")
     """File to write (an onnx file is named *.onnx)."""
     format: Literal["torchscript", "onnx"] = "torchscript"
@@ -156,18 +251,15 @@ def export(cfg: ExportConfig) -> Path:
     """Trace the run's policy step at batch 2 (batch size stays free) and save it with the
     state shapes; returns the file."""
     check_writable_file(cfg.output, "--output")
-    agent = load_agent(cfg.run_dir)
-    if cfg.format == "onnx" and agent.cfg.core in COMPLEX_STATE:
+    step, spec = load_step(cfg.run_dir)
+    if cfg.format == "onnx" and spec.meta.get("core") in COMPLEX_STATE:
         raise ConfigError(
-            f"--format onnx: {cfg.run_dir} has core {agent.cfg.core}, whose state is complex "
+            f"--format onnx: {cfg.run_dir} has core {spec.meta['core']}, whose state is complex "
             "numbers, which ONNX cannot hold; use --format torchscript"
         )
-    step = PolicyStep(agent)
-    state = agent.policy.initial_state(2)
-    obs = torch.zeros(2, agent.obs_norm.stats.mean.numel())
-    example = (obs, torch.tensor([True, False]), *state)
-    meta = {"state_shapes": [list(s.shape[1:]) for s in state], "core": agent.cfg.core,
-            "env": agent.cfg.env}  # fmt: skip
+    example = (*spec.inputs.values(), torch.tensor([True, False]), *spec.state)
+    meta = spec.meta | {"state_shapes": spec.state_shapes, "inputs": list(spec.inputs),
+                        "outputs": spec.outputs}  # fmt: skip
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes, and TorchScript's deprecation notice
         if cfg.format == "onnx":
@@ -175,18 +267,18 @@ def export(cfg: ExportConfig) -> Path:
         else:
             traced = torch.jit.trace(step, example, check_trace=False)
             torch.jit.save(traced, str(cfg.output), _extra_files={"memrl.json": json.dumps(meta)})
-    print(f"export: {cfg.run_dir} ({agent.cfg.core}) -> {cfg.output}")
+    print(f"export: {cfg.run_dir} ({meta['kind']}) -> {cfg.output}")
     return cfg.output
 
 
-def _export_onnx(step: PolicyStep, example: tuple, path: Path, meta: dict) -> None:
+def _export_onnx(step: nn.Module, example: tuple, path: Path, meta: dict) -> None:
     import onnx
 
-    names = [f"state_{i}" for i in range(len(example) - 2)]
-    inputs = ["obs", "is_first", *names]
+    names = [f"state_{i}" for i in range(len(meta["state_shapes"]))]
+    inputs = [*meta["inputs"], "is_first", *names]
     torch.onnx.export(
         step, example, str(path), input_names=inputs,
-        output_names=["action", "value", *(f"next_{n}" for n in names)],
+        output_names=[*meta["outputs"], *(f"next_{n}" for n in names)],
         dynamic_axes={n: {0: "batch"} for n in inputs}, dynamo=False,
     )  # fmt: skip
     model = onnx.load(str(path))
