@@ -327,7 +327,8 @@ def part(state: dict, prefix: str) -> dict:
 
 
 def test_phases_a_b_c_run_in_sequence(demos, tmp_path):
-    assert spatial(demos, tmp_path / "A", "A", "--epochs", "4", "--lr", "3e-3", *TINY) == 0
+    args = ["--epochs", "4", "--lr", "3e-3", "--random-encoder", *TINY]
+    assert spatial(demos, tmp_path / "A", "A", *args) == 0
     last = metrics(tmp_path / "A")[-1]
     assert last["train_dyn"] < last["train_copy"]  # the dynamics model beats copying
     # B inherits the architecture (no --channels here) and leaves memory and predictor alone
@@ -355,6 +356,7 @@ def test_phases_a_b_c_run_in_sequence(demos, tmp_path):
 
 def test_s4d_variant_trains_phase_a(demos, tmp_path):
     args = ["--core", "s4d", "--s4d-grid", "2", "--channels", "8", "--epochs", "1"]
+    args += ["--random-encoder"]
     assert spatial(demos, tmp_path / "S", "A", *args) == 0
     assert metrics(tmp_path / "S")[-1]["val_copy_loss"] > 0
 
@@ -364,7 +366,7 @@ def test_phase_order_and_missing_runs_are_clear_errors(demos, tmp_path, capsys):
     assert "phase B starts from a finished phase A run: pass --init-from" in capsys.readouterr().err
     assert spatial(demos, tmp_path / "B", "B", "--init-from", tmp_path / "nowhere") == 2
     assert "--init-from" in (err := capsys.readouterr().err) and "no model.pt" in err
-    assert spatial(demos, tmp_path / "A", "A", "--epochs", "1", *TINY) == 0
+    assert spatial(demos, tmp_path / "A", "A", "--epochs", "1", "--random-encoder", *TINY) == 0
     assert spatial(demos, tmp_path / "C", "C", "--init-from", tmp_path / "A") == 2
     assert "is a phase A run; phase C starts from phase B or C" in capsys.readouterr().err
     assert spatial(demos, tmp_path / "B", "B", "--init-from", tmp_path / "A", "--core", "s4d") == 2
@@ -400,7 +402,32 @@ def test_encoder_from_a_bc_run_loads_its_backbone_and_keeps_it_frozen(demos, tmp
     assert "--encoder-from" in (err := capsys.readouterr().err) and "no policy.pt" in err
     assert spatial(demos, tmp_path / "X", "A", "--encoder-from", bc, "--backbone", "resnet18") == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "holds a bc policy with backbone 'cnn'; expected a bc or act policy" in err
+    assert "holds a bc policy with backbone 'cnn'; expected a bc, act or pretrain run" in err
     args = ["--encoder-from", bc, "--init-from", tmp_path / "A"]
     assert spatial(demos, tmp_path / "X", "B", *args) == 2
     assert "pass --encoder-from to phase A only" in capsys.readouterr().err
+
+
+def test_pretrain_phase_lowers_its_loss_and_phase_a_takes_its_encoder(demos, tmp_path, capsys):
+    """The self-supervised Stage 1: the autoencoder's held-out error falls below the mean
+    frame's; phase A's whole encoder (backbone and FPN neck) is then exactly the pretrained one.
+    An untrained encoder is an error unless asked for, and then a warning."""
+    enc = tmp_path / "enc"
+    args = ["--epochs", "3", "--lr", "3e-3", "--frame-batch-size", "8", *TINY]
+    assert spatial(demos, enc, "pretrain", *args) == 0
+    records = metrics(enc)
+    assert records[-1]["val_recon"] < records[0]["val_recon"]
+    assert records[-1]["val_recon_vs_mean_frame"] < 1
+    saved = load_checkpoint(enc / "policy.pt")["policy"]
+    assert spatial(demos, tmp_path / "A", "A", "--epochs", "1", "--encoder-from", enc, *TINY) == 0
+    encoder = part(load_checkpoint(tmp_path / "A" / "model.pt")["model"], "encoder.")
+    assert set(encoder) == {f"encoder.{k}" for k in saved}
+    for key, value in encoder.items():
+        assert torch.equal(value, saved[key.removeprefix("encoder.")]), key
+    capsys.readouterr()
+    assert spatial(demos, tmp_path / "X", "A", *TINY) == 2
+    assert "phase A needs a trained frozen encoder" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="--random-encoder: the frozen encoder is untrained"):
+        assert spatial(demos, tmp_path / "R", "A", "--epochs", "1", "--random-encoder", *TINY) == 0
+    assert spatial(demos, tmp_path / "X", "pretrain", "--encoder-from", enc) == 2
+    assert "--phase pretrain trains the encoder from scratch" in capsys.readouterr().err

@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "imitation-eval": ("memrl.imitation.evaluate", "ImitationEvalConfig", "run_imitation_eval",
                        "success rate of a BC or ACT run on held-out push episodes"),
     "spatial": ("memrl.spatial.train", "SpatialConfig", "train_spatial",
-                "spatial memory over vision feature maps, one training phase (A, B or C)"),
+                "spatial memory over feature maps, one training phase (pretrain, A, B or C)"),
     "spatial-eval": ("memrl.spatial.evaluate", "SpatialEvalConfig", "evaluate_spatial",
                      "dynamics, segmentation and push success of a spatial-memory run"),
 }  # fmt: skip

@@ -65,6 +65,32 @@ class Predictor(nn.Module):
         return self.net(torch.cat([h, a], 1))
 
 
+class FrameDecoder(nn.Module):
+    """The pretrain phase's decoder: feature maps P (N, C, S, S) -> frames (N, 3, 2S, 2S) in
+    [0, 1] (a 3x3 conv, one stride-2 transposed conv, a 3x3 conv to RGB)."""
+
+    def __init__(self, channels: int, size: int, width: int = 64) -> None:
+        super().__init__()
+        self.size = size
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width // 2, 3, 3, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float())
+
+
+def frame_target(images: torch.Tensor, size: int) -> torch.Tensor:
+    """What :class:`FrameDecoder` reconstructs: images (N, 3, H, W) uint8 area-averaged to
+    (N, 3, 2 * size, 2 * size), in [0, 1]."""
+    return F.adaptive_avg_pool2d(images.float() / 255, 2 * size)
+
+
 class SpatialModel(nn.Module):
     """Encoder, memory, predictor and heads (module docstring)."""
 

@@ -1,9 +1,16 @@
 """``memrl spatial``: train spatial memory in the three phases of the spatial-memory spec.
 
->>> memrl spatial --phase A --dataset data/push.hdf5 --epochs 5 --output-dir runs/spatial-A
+>>> memrl spatial --phase pretrain --dataset data/push.hdf5 --output-dir runs/spatial-enc
+>>> memrl spatial --phase A --encoder-from runs/spatial-enc --epochs 5 --output-dir runs/spatial-A
 >>> memrl spatial --phase B --init-from runs/spatial-A --epochs 5 --output-dir runs/spatial-B
 >>> memrl spatial --phase C --init-from runs/spatial-B --epochs 2 --output-dir runs/spatial-C
 
+- **pretrain** (optional) learns the frozen encoder without labels: the encoder (backbone and
+  FPN neck) and a small decoder reconstruct the demonstrations' frames (at a third of their
+  size) from the feature map P_t, an autoencoder; ``--encoder-from`` then takes it for phase A
+  as it takes a ``memrl bc`` or ``act`` run's backbone. Phase A needs a trained encoder (one of
+  those, or ImageNet weights for resnet18); ``--random-encoder`` runs on an untrained one, with
+  a warning.
 - **A** trains the memory (and its FiLM conditioning) as a dynamics model: L_dyn of the
   predictor on whole demonstrations, the memory reset at every episode start and RecoveryTag.
 - **B** freezes memory and predictor; the memory maps of every step are computed once and the
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +39,8 @@ from torch import nn
 
 from memrl.data import load_episodes
 from memrl.envs.push import saved_task
+from memrl.imitation.trainer import random_shift
+from memrl.nn.backbones import cached_weights
 from memrl.nn.losses import huber_per_step, weighted_huber, weighted_mean
 from memrl.runs import (
     ConfigError,
@@ -43,14 +53,16 @@ from memrl.runs import (
 )
 from memrl.spatial.data import REQUIRED, SpatialBatch, SpatialDemos
 from memrl.spatial.model import (
+    FrameDecoder,
     SpatialModel,
     boundary_f1,
     boundary_loss,
     dynamics_loss,
     dynamics_per_step,
+    frame_target,
 )
 
-PHASE_ORDER = {"A": ("A",), "B": ("A",), "C": ("B", "C")}  # phase -> phases it may start from
+PHASE_ORDER = {"pretrain": (), "A": ("A",), "B": ("A",), "C": ("B", "C")}  # may start from
 ARCHITECTURE = (
     "backbone",
     "pretrained",
@@ -72,8 +84,9 @@ class SpatialConfig(RunOptions):
 
     RESUME_FLAGS = (*RunOptions.RESUME_FLAGS, "epochs")
 
-    phase: Literal["A", "B", "C"] = "A"
-    """A: memory as a dynamics model; B: memory frozen, heads trained; C: end to end."""
+    phase: Literal["pretrain", "A", "B", "C"] = "A"
+    """pretrain: the encoder as an autoencoder; A: memory as a dynamics model; B: memory frozen,
+    heads trained; C: end to end."""
     dataset: Path = Path("data/push.hdf5")
     """HDF5 demonstrations written by `memrl push-collect`."""
     init_from: Path | None = None
@@ -85,6 +98,9 @@ class SpatialConfig(RunOptions):
     spec's Stage 1: a backbone trained on the task); later phases inherit them."""
     pretrained: bool | None = None
     """ImageNet weights for resnet18 from the local torch cache: None uses them when present."""
+    random_encoder: bool = False
+    """Phase A without --encoder-from or ImageNet weights: run on an untrained (random) frozen
+    encoder anyway (with a warning); without this flag that is an error."""
     channels: int = 128
     """Channels C of the feature map P_t."""
     feature_size: int = 14
@@ -153,25 +169,32 @@ def build_model(cfg: SpatialConfig, from_checkpoint: bool = False) -> SpatialMod
     )
 
 
+ENCODER_KINDS = ("bc", "act", "pretrain")  # runs whose backbone --encoder-from takes
+
+
 def trained_backbone(cfg: SpatialConfig) -> dict[str, torch.Tensor]:
     """The backbone weights of the ``--encoder-from`` run (its ``policy.pt``), keyed as the
-    backbone's own state dict; checks that the run is a bc / act run with ``cfg.backbone``."""
+    backbone's own state dict; checks that the run is a bc / act / spatial pretrain run with
+    ``cfg.backbone``. A pretrain run's FPN neck comes along, keyed ``neck.*``."""
     run_dir = Path(cfg.encoder_from)
     if not (run_dir / "policy.pt").is_file() or not (run_dir / "config.yaml").is_file():
         raise ConfigError(
             f"--encoder-from {run_dir}: no policy.pt and config.yaml there; expected the run "
-            "directory of a finished `memrl bc` or `memrl act` run"
+            "directory of a finished `memrl bc`, `memrl act` or `memrl spatial --phase "
+            "pretrain` run"
         )
     payload = load_checkpoint(run_dir / "policy.pt")
     backbone = yaml.safe_load((run_dir / "config.yaml").read_text()).get("backbone")
-    if payload.get("kind") not in ("bc", "act") or backbone != cfg.backbone:
+    if payload.get("kind") not in ENCODER_KINDS or backbone != cfg.backbone:
         raise ConfigError(
             f"--encoder-from {run_dir} holds a {payload.get('kind')} policy with backbone "
-            f"{backbone!r}; expected a bc or act policy with backbone {cfg.backbone!r} "
+            f"{backbone!r}; expected a bc, act or pretrain run with backbone {cfg.backbone!r} "
             f"(--backbone {cfg.backbone})"
         )
+    weights = payload["policy"]
+    neck = {k: v for k, v in weights.items() if k.startswith("neck.")}
     prefix = "backbone."
-    return {k[len(prefix) :]: v for k, v in payload["policy"].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)} | neck
 
 
 def load_backbone(model: SpatialModel, weights: dict[str, torch.Tensor]) -> int:
@@ -186,12 +209,26 @@ def load_backbone(model: SpatialModel, weights: dict[str, torch.Tensor]) -> int:
             "expected the same architecture as the spatial encoder's backbone"
         )
     model.encoder.backbone.load_state_dict({k: weights[k] for k in own})
-    return len(own)
+    neck = {k[len("neck.") :]: v for k, v in weights.items() if k.startswith("neck.")}
+    if neck:  # a pretrain run trained the neck with the backbone
+        try:
+            model.encoder.neck.load_state_dict(neck)
+        except RuntimeError:
+            raise ConfigError(
+                "--encoder-from: the run's FPN neck does not fit this encoder; pass the "
+                "--channels of the pretrain run"
+            ) from None
+    return len(own) + len(neck)
 
 
 def resolve_init(cfg: SpatialConfig) -> tuple[SpatialConfig, dict | None]:
     """Check the phase order and the ``--init-from`` run; returns the config with the previous
     run's architecture and that run's ``model.pt`` payload (None for a fresh phase A)."""
+    if cfg.phase == "pretrain" and (cfg.init_from or cfg.encoder_from):
+        raise ConfigError(
+            "--phase pretrain trains the encoder from scratch; drop --init-from and "
+            "--encoder-from (phase A takes the pretrained encoder with --encoder-from RUN_DIR)"
+        )
     allowed = " or ".join(PHASE_ORDER[cfg.phase])
     if cfg.encoder_from is not None and cfg.init_from is not None:
         raise ConfigError(
@@ -199,7 +236,9 @@ def resolve_init(cfg: SpatialConfig) -> tuple[SpatialConfig, dict | None]:
             "encoder from the run it starts from; pass --encoder-from to phase A only"
         )
     if cfg.init_from is None:
-        if cfg.phase != "A":
+        if cfg.phase == "A" and cfg.encoder_from is None:
+            _check_untrained_encoder(cfg)
+        if cfg.phase not in ("A", "pretrain"):
             raise ConfigError(
                 f"phase {cfg.phase} starts from a finished phase {allowed} run: pass "
                 "--init-from RUN_DIR (the order is A -> B -> C)"
@@ -228,6 +267,26 @@ def resolve_init(cfg: SpatialConfig) -> tuple[SpatialConfig, dict | None]:
                 )
             inherited[name] = theirs
     return dataclasses.replace(cfg, **inherited), load_checkpoint(run_dir / "model.pt")
+
+
+def _check_untrained_encoder(cfg: SpatialConfig) -> None:
+    """Phase A with neither --encoder-from nor ImageNet weights would feed the memory features
+    nobody trained: an error, unless --random-encoder asks for it (then a warning)."""
+    imagenet = cfg.backbone == "resnet18" and cached_weights("resnet18").is_file()
+    if imagenet and cfg.pretrained is not False:
+        return
+    if not cfg.random_encoder:
+        raise ConfigError(
+            "phase A needs a trained frozen encoder: --encoder-from RUN_DIR (a `memrl spatial "
+            "--phase pretrain`, `memrl bc` or `memrl act` run), or ImageNet weights in the "
+            "local torch cache with --backbone resnet18; --random-encoder runs on an untrained "
+            "one (measured: the policy pushed in 25% against BC-CNN's 72%)"
+        )
+    warnings.warn(
+        "--random-encoder: the frozen encoder is untrained, so the memory gets features nobody "
+        "trained; pass --encoder-from RUN_DIR for a result worth having",
+        stacklevel=2,
+    )
 
 
 def trainable_parts(model: SpatialModel, phase: str) -> list[nn.Module]:
@@ -352,9 +411,76 @@ def _minibatches(
     ]
 
 
+def pretrain_encoder(cfg: SpatialConfig) -> dict[str, float]:
+    """Phase pretrain (module docstring): the encoder and a decoder as an autoencoder on the
+    demonstrations' frames, random-shift augmented; logs the held-out reconstruction error
+    beside the mean frame's; writes ``policy.pt`` (the encoder, for ``--encoder-from``)."""
+    split = load_episodes(cfg.dataset, cfg.val_fraction, REQUIRED)
+    run = Run("spatial", cfg)
+    run.check_budget(cfg.epochs, "--epochs")
+    device = run.device
+    encoder = build_model(cfg).encoder.requires_grad_(True).to(device)
+    decoder = FrameDecoder(cfg.channels, cfg.feature_size).to(device)
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    if (ckpt := run.restore()) is not None:
+        encoder.load_state_dict(ckpt["encoder"])
+        decoder.load_state_dict(ckpt["decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    distributed.broadcast_parameters(encoder, decoder)
+    train, val = split.train.images, split.val.images
+    val_target = frame_target(val, cfg.feature_size)
+    mean_frame_error = float(
+        (val_target - frame_target(train, cfg.feature_size).mean(0)).square().mean()
+    )
+    bar = run.progress(cfg.epochs, desc="spatial pretrain epochs")
+    figures: dict[str, float] = {}
+    for epoch in range(run.start_step + 1, cfg.epochs + 1):
+        encoder.train(), decoder.train()
+        total, order = 0.0, distributed.shard_indices(len(train), epoch, cfg.seed)
+        batches = order.split(cfg.frame_batch_size)
+        for index in batches:
+            images = random_shift(train[index]).to(device)
+            loss = (
+                (decoder(encoder(images)) - frame_target(images, cfg.feature_size)).square().mean()
+            )
+            run.check_finite(epoch, loss=loss)
+            distributed.optimizer_step(optimizer, loss, params, cfg.grad_clip or None)
+            total += loss.item()
+        encoder.eval(), decoder.eval()
+        with torch.no_grad():
+            val_error = (
+                sum(
+                    float((decoder(encoder(v.to(device))).cpu() - t).square().sum())
+                    for v, t in zip(val.split(256), val_target.split(256), strict=True)
+                )
+                / val_target.numel()
+            )
+        figures = {"train_recon": total / len(batches), "val_recon": val_error,
+                   "val_recon_vs_mean_frame": val_error / mean_frame_error}  # fmt: skip
+        figures = run.log(epoch, figures)
+        bar.set_postfix(val=f"{figures['val_recon_vs_mean_frame']:.3f}xmean")
+        bar.update(1)
+        run.save(epoch, {"encoder": encoder.state_dict(), "decoder": decoder.state_dict(),
+                         "optimizer": optimizer.state_dict()})  # fmt: skip
+    bar.close()
+    summary = figures | {"phase": cfg.phase, "epochs": cfg.epochs, "train_frames": len(train)}
+    if not run.finish(summary):
+        return summary
+    save_checkpoint(run.dir / "policy.pt", {"kind": "pretrain", "policy": encoder.state_dict()})
+    print(
+        f"spatial[pretrain]: held-out reconstruction {figures['val_recon']:.4f} "
+        f"({figures['val_recon_vs_mean_frame']:.3f} of the mean frame's); use it with "
+        f"`memrl spatial --phase A --encoder-from {run.dir}`"
+    )
+    return summary
+
+
 def train_spatial(cfg: SpatialConfig) -> dict[str, float]:
     """Train one phase (module docstring); writes ``model.pt`` and ``summary.json``."""
     cfg, init = resolve_init(cfg)
+    if cfg.phase == "pretrain":
+        return pretrain_encoder(cfg)
     encoder_weights = trained_backbone(cfg) if cfg.encoder_from is not None else None
     split = load_episodes(cfg.dataset, cfg.val_fraction, REQUIRED)
     try:
