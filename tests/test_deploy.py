@@ -13,6 +13,7 @@ from memrl.cli import main
 from memrl.cores import VectorCoreName
 from memrl.imitation.evaluate import RecurrentController
 from memrl.imitation.evaluate import load_policy as load_imitation_policy
+from memrl.spatial.evaluate import load_spatial_model
 
 TINY = ["--num-envs", "2", "--rollout-steps", "16", "--total-steps", "32", "--hidden-size", "8"]
 
@@ -157,3 +158,58 @@ def test_bc_runner_needs_both_inputs_and_act_runs_are_refused(bc_runs, tmp_path,
     err = " ".join(capsys.readouterr().err.split())
     assert "holds an act policy; export takes ppo and bc runs" in err
     assert not (tmp_path / "act.ts").exists()
+
+
+@pytest.fixture(scope="module")
+def spatial_runs(push_demos, tmp_path_factory):
+    """Phase A (random encoder) and B of a tiny conv_gru spatial stack."""
+    root = tmp_path_factory.mktemp("spatial")
+    common = ["--dataset", str(push_demos(5)), "--device", "cpu", "--val-fraction", "0.2"]
+    common += ["--channels", "8", "--hidden-channels", "8", "--epochs", "1"]
+    args = ["spatial", "--phase", "A", *common, "--random-encoder", "--batch-size", "2"]
+    assert main([*args, "--output-dir", str(root / "A")]) == 0
+    args = ["spatial", "--phase", "B", *common, "--init-from", str(root / "A")]
+    assert main([*args, "--output-dir", str(root / "B")]) == 0
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_exported_spatial_stack_equals_the_model_and_spatial_eval(fmt, spatial_runs, tmp_path):
+    """The whole stack (encoder, memory, policy) on raw env observations: the file equals the
+    PyTorch model over 200 steps of 3 streams with random episode starts, and the runner's
+    stream 0 equals what spatial-eval's episode loop computes."""
+    run = spatial_runs / "B"
+    out = tmp_path / ("policy.onnx" if fmt == "onnx" else "policy.ts")
+    assert main(["export", str(run), "--output", str(out), "--format", fmt]) == 0
+    exported, reference = deploy.load(out), deploy.load_policy(run)
+    model = load_spatial_model(run, torch.device("cpu"))[0]
+    gen = torch.Generator().manual_seed(0)
+    for runner in (exported, reference):
+        runner.reset(3)
+    state = model.initial_state(1)
+    for t in range(200):
+        obs = {
+            "image": torch.randint(0, 256, (3, 84, 84, 3), dtype=torch.uint8, generator=gen),
+            "state": torch.rand(3, 3, generator=gen) * 2 - 1,
+        }
+        is_first = (torch.rand(3, generator=gen) < 0.05) | (t == 0)
+        a, b = exported.act(obs, is_first), reference.act(obs, is_first)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        for got, want in zip(exported.state, reference.state, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # the model's own calls, written out
+            z = model.encode(obs["image"][:1].permute(0, 3, 1, 2))
+            h, state = model.memory.step(z, model.condition(obs["state"][:1]), state, is_first[:1])
+            action = model.to_action(model.act(h, z))
+        torch.testing.assert_close(b[:1], action, rtol=0, atol=1e-5)
+
+
+def test_spatial_phase_a_and_world_model_runs_are_refused(spatial_runs, tmp_path, capsys):
+    assert main(["export", str(spatial_runs / "A"), "--output", str(tmp_path / "a.ts")]) == 2
+    assert "spatial phase A run, whose policy head is untrained" in capsys.readouterr().err
+    rssm = tmp_path / "rssm"
+    args = ["rssm", "--device", "cpu", "--grid_size", "16", "--channels", "8", "--epochs", "1"]
+    args += ["--steps_per_epoch", "1", "--batch_size", "2", "--seq_len", "10", "--K", "4"]
+    assert main([*args, "--deter_size", "8", "--hidden_size", "8", "--output_dir", str(rssm)]) == 0
+    assert main(["export", str(rssm), "--output", str(tmp_path / "w.ts")]) == 2
+    assert "is not a spatial-memory model (an rssm world model?)" in capsys.readouterr().err

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "board": ("memrl.rl.board", "BoardConfig", "run_board",
               "rank memory cores on POPGym: a resumable grid of ppo runs, a table and a heatmap"),
     "export": ("memrl.deploy", "ExportConfig", "export",
-               "export one step of a trained ppo or bc policy, memory as explicit tensors"),
+               "export one step of a ppo, bc or spatial policy, memory as explicit tensors"),
     "ppo-eval": ("memrl.rl.evaluate", "PPOEvalConfig", "run_ppo_eval",
                  "evaluate a PPO run, optionally resetting its memory every K steps"),
     "rssm": ("memrl.world_model.train", "RSSMTrainConfig", "train_rssm",

@@ -13,6 +13,9 @@ The exported graph is **one step**, batch size free:
   (B, 3) float32, is_first, state_0, ...)`` -> ``(action (B, 3), next_state_0, ...)``, the action
   decoded (spherical -> Cartesian, unscaled, clipped) inside; the memory is the frame stack's
   window and the GRU's state, whichever the policy has.
+- a ``memrl spatial`` phase B or C run: the same inputs and outputs, the whole stack inside
+  (frozen encoder, feature standardisation, FiLM-conditioned memory step, policy head, action
+  scaling); the memory is the spatial core's state.
 
 The state tensors are batch first, in the order of ``policy.initial_state``; the file records
 their shapes and the graph's input and output names.
@@ -26,8 +29,8 @@ Formats: ``torchscript`` (every core) and ``onnx`` (inputs ``obs``, ``is_first``
 ``state_0..k``, outputs ``action``, ``value``, ``next_state_0..k``, a dynamic batch axis; run by
 onnxruntime, ``pip install memrl[deploy]``). ONNX has no complex numbers, so the cores whose
 state is complex (s4d, lru, ffm) export to TorchScript only, and asking for ONNX names them.
-act runs (action chunks, executed by the controller), spatial runs and action masks inside the
-graph are still to come.
+act runs (action chunks, executed by the controller) are refused; action masks inside the graph
+are still to come.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ import tyro
 from torch import nn
 
 from memrl.envs import make_vector_env
+from memrl.envs.push import PushConfig
 from memrl.imitation.bc import VisuomotorBCPolicy
 from memrl.rl.agent import PPOAgent
 from memrl.rl.config import PPOConfig
 from memrl.rl.distributions import make_distribution
 from memrl.runs import ConfigError, check_writable_file, load_checkpoint, load_config
+from memrl.spatial.model import SpatialStep
 
 
 class PolicyStep(nn.Module):
@@ -157,8 +162,33 @@ def load_agent(run_dir: Path) -> PPOAgent:
     return agent
 
 
+def _visuomotor_inputs(image_size: int) -> dict[str, torch.Tensor]:
+    return {"image": torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8),
+            "state": torch.zeros(2, 3)}  # fmt: skip
+
+
 def load_step(run_dir: Path) -> tuple[nn.Module, StepSpec]:
-    """The one-step module of a ``memrl ppo`` or ``memrl bc`` run directory and its spec."""
+    """The one-step module of a ``memrl ppo``, ``bc`` or ``spatial`` run directory and its
+    spec."""
+    if (run_dir / "model.pt").is_file() and (run_dir / "config.yaml").is_file():
+        from memrl.spatial.evaluate import load_spatial_model
+
+        if load_checkpoint(run_dir / "model.pt").get("kind") != "spatial":
+            raise ConfigError(
+                f"{run_dir / 'model.pt'} is not a spatial-memory model (an rssm world model?); "
+                "export takes ppo, bc and spatial runs"
+            )
+
+        model, cfg, payload = load_spatial_model(run_dir, torch.device("cpu"))
+        if cfg.phase not in ("B", "C"):
+            raise ConfigError(
+                f"{run_dir} is a spatial phase {cfg.phase} run, whose policy head is untrained; "
+                "export a phase B or C run"
+            )
+        size = PushConfig.from_saved(payload.get("env_kwargs", {})).image_size
+        meta = {"kind": "spatial", "core": cfg.core, "phase": cfg.phase}
+        spec = StepSpec(_visuomotor_inputs(size), ["action"], model.initial_state(2), meta)
+        return SpatialStep(model), spec
     if (run_dir / "policy.pt").is_file():  # an imitation run
         from memrl.imitation.evaluate import load_policy as load_imitation
 
@@ -168,10 +198,8 @@ def load_step(run_dir: Path) -> tuple[nn.Module, StepSpec]:
                 f"{run_dir} holds an act policy; export takes ppo and bc runs (an action chunk "
                 "is executed by a controller, outside a one-step graph)"
             )
-        size = env_config.image_size
-        inputs = {"image": torch.zeros(2, size, size, 3, dtype=torch.uint8),
-                  "state": torch.zeros(2, 3)}  # fmt: skip
         meta = {"kind": "bc", "use_gru": policy.core is not None}
+        inputs = _visuomotor_inputs(env_config.image_size)
         spec = StepSpec(inputs, ["action"], policy.initial_state(2), meta)
         return VisuomotorStep(policy), spec
     if not (run_dir / "config.yaml").is_file():
@@ -232,11 +260,11 @@ def load(path: str | Path) -> Runner:
 
 @dataclasses.dataclass
 class ExportConfig:
-    """Export one step of a trained `memrl ppo` or `memrl bc` policy, its memory as explicit
+    """Export one step of a trained `memrl ppo`, `bc` or `spatial` policy, its memory as explicit
     tensors."""
 
     run_dir: Annotated[Path, tyro.conf.Positional]
-    """Run directory written by `memrl ppo` or `memrl bc`."""
+    """Run directory written by `memrl ppo`, `memrl bc` or `memrl spatial` (phase B or C)."""
     output: Path = Path("policy.ts")
     """File to write (an onnx file is named *.onnx)."""
     format: Literal["torchscript", "onnx"] = "torchscript"
@@ -276,11 +304,19 @@ def _export_onnx(step: nn.Module, example: tuple, path: Path, meta: dict) -> Non
 
     names = [f"state_{i}" for i in range(len(meta["state_shapes"]))]
     inputs = [*meta["inputs"], "is_first", *names]
-    torch.onnx.export(
-        step, example, str(path), input_names=inputs,
-        output_names=[*meta["outputs"], *(f"next_{n}" for n in names)],
-        dynamic_axes={n: {0: "batch"} for n in inputs}, dynamo=False,
-    )  # fmt: skip
+    outputs = [*meta["outputs"], *(f"next_{n}" for n in names)]
+    if meta["kind"] == "spatial":  # its encoder's antialiased resize: the dynamo exporter only
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(
+            step, example, str(path), input_names=inputs, output_names=outputs,
+            dynamic_shapes=[*[{0: batch}] * (len(meta["inputs"]) + 1), ({0: batch},) * len(names)],
+            dynamo=True, verbose=False,
+        )  # fmt: skip
+    else:
+        torch.onnx.export(
+            step, example, str(path), input_names=inputs, output_names=outputs,
+            dynamic_axes={n: {0: "batch"} for n in inputs}, dynamo=False,
+        )  # fmt: skip
     model = onnx.load(str(path))
     entry = model.metadata_props.add()
     entry.key, entry.value = "memrl", json.dumps(meta)

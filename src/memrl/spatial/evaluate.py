@@ -28,7 +28,7 @@ from memrl.data import load_episodes
 from memrl.envs.push import PushConfig, PushEnv, run_episode
 from memrl.runs import ConfigError, load_checkpoint, load_config, resolve_device, write_json
 from memrl.spatial.data import REQUIRED, SpatialDemos
-from memrl.spatial.model import SpatialModel
+from memrl.spatial.model import SpatialModel, SpatialStep
 from memrl.spatial.train import SpatialConfig, build_model, held_out
 
 
@@ -65,18 +65,18 @@ def load_spatial_model(run_dir: Path, device) -> tuple[SpatialModel, SpatialConf
 
 @torch.no_grad()
 def run_push_episode(model: SpatialModel, env: PushEnv, seed: int, device) -> dict:
-    """One greedy episode: image -> encoder -> memory step -> policy, memory carried."""
-    state = model.initial_state(1, device)
+    """One greedy episode: image -> encoder -> memory step -> policy (:class:`SpatialStep`),
+    memory carried."""
+    step, state = SpatialStep(model), model.initial_state(1, device)
     is_first = torch.ones(1, dtype=torch.bool, device=device)
 
     def act(obs: dict) -> np.ndarray:
         nonlocal state, is_first
-        image = torch.from_numpy(obs["image"]).permute(2, 0, 1)[None].to(device)
-        z = model.encode(image)  # (1, C, S, S)
-        condition = model.condition(torch.from_numpy(obs["state"])[None].to(device))
-        h, state = model.memory.step(z, condition, state, is_first)
+        image = torch.from_numpy(obs["image"])[None].to(device)
+        gripper = torch.from_numpy(obs["state"])[None].to(device)
+        action, *state = step(image, gripper, is_first, *state)
         is_first = torch.zeros_like(is_first)
-        return model.to_action(model.act(h, z))[0].cpu().numpy()
+        return action[0].cpu().numpy()
 
     return run_episode(env, act, seed)
 

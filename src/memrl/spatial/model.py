@@ -191,6 +191,23 @@ class SpatialModel(nn.Module):
         return (raw * self.action_scale).clamp(-1, 1)
 
 
+class SpatialStep(nn.Module):
+    """One greedy step of the whole stack as a robot runs it: ``forward(image (B, H, W, 3) uint8
+    as the push env renders it, gripper state (B, 3), is_first (B,), *memory)`` -> ``(action
+    (B, 3), *next_memory)``: encoder, standardisation, memory step (FiLM-conditioned), policy and
+    action scaling. What ``spatial-eval`` runs in the env and ``memrl export`` writes."""
+
+    def __init__(self, model: SpatialModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, state: torch.Tensor, is_first: torch.Tensor, *memory):
+        m = self.model
+        z = m.encode(image.permute(0, 3, 1, 2))  # (B, C, S, S)
+        h, next_memory = m.memory.step(z, m.condition(state), tuple(memory), is_first)
+        return (m.to_action(m.act(h, z)), *next_memory)
+
+
 def _per_map(net: nn.Module, maps: torch.Tensor) -> torch.Tensor:
     lead = maps.shape[:-3]
     out = net(maps.reshape(-1, *maps.shape[-3:]))
