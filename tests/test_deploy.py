@@ -213,3 +213,35 @@ def test_spatial_phase_a_and_world_model_runs_are_refused(spatial_runs, tmp_path
     assert main([*args, "--deter_size", "8", "--hidden_size", "8", "--output_dir", str(rssm)]) == 0
     assert main(["export", str(rssm), "--output", str(tmp_path / "w.ts")]) == 2
     assert "is not a spatial-memory model (an rssm world model?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_masked_policy_takes_the_action_mask_and_never_picks_a_masked_action(fmt, tmp_path):
+    """memrl/SeedLifecycle reports action masks: the exported step takes them as its second
+    input and equals the policy with random masks (one allowed option per head at least), and
+    its greedy action is always allowed; a mask-less call is a clear error."""
+    run = tmp_path / "run"
+    args = ["ppo", "--env", "memrl/SeedLifecycle", "--env-kwargs", "max_epochs=5"]
+    args += ["--num-envs", "2", "--rollout-steps", "5", "--total-steps", "10", "--hidden-size", "8"]
+    assert main([*args, "--eval-episodes", "1", "--device", "cpu", "--output-dir", str(run)]) == 0
+    out = tmp_path / ("policy.onnx" if fmt == "onnx" else "policy.ts")
+    assert main(["export", str(run), "--output", str(out), "--format", fmt]) == 0
+    exported, reference = deploy.load(out), deploy.load_policy(run)
+    assert exported.inputs == ["obs", "action_mask"]
+    sizes = reference.step.head.sizes
+    gen = torch.Generator().manual_seed(0)
+    for runner in (exported, reference):
+        runner.reset(3)
+    for t in range(50):
+        obs = torch.randn(3, reference.step.obs_mean.numel(), generator=gen)
+        mask = torch.rand(3, sum(sizes), generator=gen) < 0.5
+        starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        mask[:, starts] |= ~torch.stack([m.any(1) for m in mask.split(sizes, 1)], 1)
+        is_first = (torch.rand(3, generator=gen) < 0.1) | (t == 0)
+        named = {"obs": obs, "action_mask": mask}
+        a, b = exported.act(named, is_first), reference.act(named, is_first)
+        assert torch.equal(a, b)
+        for head, (allowed, start) in enumerate(zip(mask.split(sizes, 1), starts, strict=True)):
+            assert allowed.gather(1, a[:, head : head + 1]).all(), (t, head, int(start))
+    with pytest.raises(ValueError, match=r"obs lacks \['action_mask'\]"):
+        reference.act(obs)

@@ -29,14 +29,17 @@ Formats: ``torchscript`` (every core) and ``onnx`` (inputs ``obs``, ``is_first``
 ``state_0..k``, outputs ``action``, ``value``, ``next_state_0..k``, a dynamic batch axis; run by
 onnxruntime, ``pip install memrl[deploy]``). ONNX has no complex numbers, so the cores whose
 state is complex (s4d, lru, ffm) export to TorchScript only, and asking for ONNX names them.
-act runs (action chunks, executed by the controller) are refused; action masks inside the graph
-are still to come.
+act runs (action chunks, executed by the controller) are refused. A ppo policy whose env
+reports action masks (``info["action_mask"]``, e.g. memrl/SeedLifecycle) takes the mask as its
+second input, ``action_mask`` (B, num_params) bool, applied before the greedy choice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,20 +60,26 @@ from memrl.spatial.model import SpatialStep
 
 
 class PolicyStep(nn.Module):
-    """One greedy step of a PPO agent, obs normalisation included (see the module docstring)."""
+    """One greedy step of a PPO agent, obs normalisation included (see the module docstring);
+    with ``masked`` the second input is the action mask (B, num_params) bool of the env's
+    ``info["action_mask"]``, applied before the greedy choice."""
 
-    def __init__(self, agent: PPOAgent) -> None:
+    def __init__(self, agent: PPOAgent, masked: bool = False) -> None:
         super().__init__()
+        self.masked = masked
         self.policy, self.head = agent.policy.cpu().eval(), agent.head
         stats, norm = agent.obs_norm.stats, agent.obs_norm
         self.normalise, self.clip = norm.enabled, norm.clip
         self.register_buffer("obs_mean", stats.mean.detach().float().clone())
         self.register_buffer("obs_std", stats.var.detach().float().sqrt().clone())
 
-    def forward(self, obs: torch.Tensor, is_first: torch.Tensor, *state: torch.Tensor):
+    def forward(self, obs: torch.Tensor, *inputs: torch.Tensor):
+        mask, (is_first, *state) = (inputs[0], inputs[1:]) if self.masked else (None, inputs)
         if self.normalise:
             obs = ((obs - self.obs_mean) / (self.obs_std + 1e-8)).clamp(-self.clip, self.clip)
         params, value, next_state = self.policy.step(obs, tuple(state), is_first)
+        if mask is not None:  # what MaskedCategorical's mode does, without its data checks
+            params = params.masked_fill(~mask, -math.inf)
         dist = make_distribution(self.head, params, None, log_std=self.policy.log_std)
         return (dist.mode(), value, *next_state)
 
@@ -133,8 +142,9 @@ class Runner:
         missing = [name for name in self.inputs if name not in named]
         if missing:
             raise ValueError(f"obs lacks {missing}; this policy takes {self.inputs}")
+        dtypes = {"image": None, "action_mask": torch.bool}
         values = [
-            torch.as_tensor(named[name], dtype=None if name == "image" else torch.float32)
+            torch.as_tensor(named[name], dtype=dtypes.get(name, torch.float32))
             for name in self.inputs
         ]
         batch = len(values[0])
@@ -148,8 +158,9 @@ class Runner:
         return action
 
 
-def load_agent(run_dir: Path) -> PPOAgent:
-    """The PPO agent of a run directory, from its config.yaml and last checkpoint."""
+def load_agent(run_dir: Path) -> tuple[PPOAgent, bool]:
+    """The PPO agent of a run directory, from its config.yaml and last checkpoint, and whether
+    its env reports action masks (``info["action_mask"]`` at reset)."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a memrl ppo run directory (no config.yaml)")
     cfg = load_config(PPOConfig, run_dir / "config.yaml")
@@ -157,9 +168,10 @@ def load_agent(run_dir: Path) -> PPOAgent:
     agent = PPOAgent(
         cfg, probe.single_observation_space, probe.single_action_space, torch.device("cpu")
     )
+    masked = "action_mask" in probe.reset(seed=0)[1]
     probe.close()
     agent.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt", "cpu")["agent"])
-    return agent
+    return agent, masked
 
 
 def _visuomotor_inputs(image_size: int) -> dict[str, torch.Tensor]:
@@ -206,11 +218,13 @@ def load_step(run_dir: Path) -> tuple[nn.Module, StepSpec]:
         raise ConfigError(
             f"{run_dir} is not a memrl ppo or bc run directory (no config.yaml or policy.pt)"
         )
-    agent = load_agent(run_dir)
+    agent, masked = load_agent(run_dir)
     inputs = {"obs": torch.zeros(2, agent.obs_norm.stats.mean.numel())}
+    if masked:
+        inputs["action_mask"] = torch.ones(2, agent.head.num_params, dtype=torch.bool)
     meta = {"kind": "ppo", "core": agent.cfg.core, "env": agent.cfg.env}
     spec = StepSpec(inputs, ["action", "value"], agent.policy.initial_state(2), meta)
-    return PolicyStep(agent), spec
+    return PolicyStep(agent, masked), spec
 
 
 def load_policy(run_dir: str | Path) -> Runner:
@@ -299,17 +313,29 @@ def export(cfg: ExportConfig) -> Path:
     return cfg.output
 
 
+def _batch_axes(step: nn.Module, count: int, batch) -> list:
+    """torch.export's dynamic shapes for ``count`` positional inputs of ``step.forward``, each
+    with a free batch axis: one entry per named parameter, then a tuple for the ``*args``."""
+    named = [
+        p for p in inspect.signature(step.forward).parameters.values()
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]  # fmt: skip
+    return [*[{0: batch}] * len(named), ({0: batch},) * (count - len(named))]
+
+
 def _export_onnx(step: nn.Module, example: tuple, path: Path, meta: dict) -> None:
     import onnx
 
     names = [f"state_{i}" for i in range(len(meta["state_shapes"]))]
     inputs = [*meta["inputs"], "is_first", *names]
     outputs = [*meta["outputs"], *(f"next_{n}" for n in names)]
-    if meta["kind"] == "spatial":  # its encoder's antialiased resize: the dynamo exporter only
+    # the TorchScript exporter has no antialiased resize (the spatial encoder's) and writes an
+    # invalid graph for a multi-head masked policy (memrl/SeedLifecycle's): the dynamo exporter
+    if meta["kind"] == "spatial" or "action_mask" in meta["inputs"]:
         batch = torch.export.Dim("batch")
         torch.onnx.export(
             step, example, str(path), input_names=inputs, output_names=outputs,
-            dynamic_shapes=[*[{0: batch}] * (len(meta["inputs"]) + 1), ({0: batch},) * len(names)],
+            dynamic_shapes=_batch_axes(step, len(example), batch),
             dynamo=True, verbose=False,
         )  # fmt: skip
     else:
