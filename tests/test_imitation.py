@@ -23,7 +23,8 @@ from memrl.imitation.codings import (
     spherical_to_cartesian,
 )
 from memrl.imitation.evaluate import ChunkController, wilson_interval
-from memrl.imitation.trainer import cosine_factor, make_optimizer, random_shift
+from memrl.imitation.trainer import cosine_factor, make_optimizer
+from memrl.nn.augment import random_shift
 from memrl.nn.backbones import make_backbone
 from memrl.nn.losses import weighted_huber
 from memrl.runs import load_config

@@ -22,12 +22,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memrl.data import Batch, EpisodeStore, Statistics, load_episodes
 from memrl.envs.push import saved_task
 from memrl.imitation.codings import cartesian_to_spherical, decode_spherical, spherical_to_cartesian
+from memrl.nn.augment import random_shift
 from memrl.nn.losses import weighted_huber, weighted_mean
 from memrl.runs import ConfigError, Run, RunOptions, distributed, save_checkpoint
 
@@ -163,19 +163,6 @@ class ImitationPolicy(nn.Module):
         if self.use_spherical:
             return spherical_to_cartesian(decode_spherical(raw)).clamp(-1, 1)
         return (raw * self.action_scale).clamp(-1, 1)
-
-
-def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """DrQ's augmentation: replicate-pad by ``pad`` pixels, crop back at a random offset per
-    image. ``images`` (N, 3, H, W) uint8."""
-    N, _, H, W = images.shape
-    padded = F.pad(images.float(), (pad,) * 4, mode="replicate")
-    dx = torch.randint(0, 2 * pad + 1, (N,))
-    dy = torch.randint(0, 2 * pad + 1, (N,))
-    rows = (dy[:, None] + torch.arange(H))[:, None, :, None].expand(N, 3, H, W + 2 * pad)
-    cropped = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(W))[:, None, None, :].expand(N, 3, H, W)
-    return cropped.gather(3, cols).to(images.dtype)
 
 
 def augment_images(images: torch.Tensor) -> torch.Tensor:

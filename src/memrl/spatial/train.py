@@ -39,7 +39,7 @@ from torch import nn
 
 from memrl.data import load_episodes
 from memrl.envs.push import saved_task
-from memrl.imitation.trainer import random_shift
+from memrl.nn.augment import random_shift
 from memrl.nn.backbones import cached_weights
 from memrl.nn.losses import huber_per_step, weighted_huber, weighted_mean
 from memrl.runs import (
