@@ -172,7 +172,11 @@ def train_rssm(cfg: RSSMTrainConfig) -> dict[str, float]:
             run.check_finite(step, **figures)
             if step % cfg.log_interval == 0 or step == total:
                 figures = run.log(step, figures | {"epoch": epoch})
-                bar.set_postfix(recon=f"{figures['recon']:.2f}", kl=f"{figures['kl']:.2f}")
+                bar.set_postfix(
+                    recon=f"{figures['recon']:.2f}",
+                    kl=f"{figures['kl']:.2f}",
+                    vs_blank=f"{figures['vs_blank']:.2f}",
+                )
             bar.update(1)
         if run.is_main and (epoch % cfg.viz_interval == 0 or epoch == cfg.epochs):
             plot_reconstruction(model, view, run.dir / f"recon_epoch{epoch}.png", epoch)
