@@ -89,6 +89,18 @@ def test_the_runner_carries_memory_and_export_errors_are_clear(runs, tmp_path, c
     assert not (tmp_path / "x.onnx").exists()
 
 
+def raw_push_stream(steps: int = 200, streams: int = 3):
+    """Random raw push observations (HWC uint8 images, gripper states) for ``streams`` streams,
+    episodes starting at random steps (all at the first)."""
+    gen = torch.Generator().manual_seed(0)
+    for t in range(steps):
+        obs = {
+            "image": torch.randint(0, 256, (streams, 84, 84, 3), dtype=torch.uint8, generator=gen),
+            "state": torch.rand(streams, 3, generator=gen) * 2 - 1,
+        }
+        yield obs, (torch.rand(streams, generator=gen) < 0.05) | (t == 0)
+
+
 BC_CASES = {
     "plain": [],
     "gru-state-spherical": ["--use-gru", "--use-state", "--use-spherical"],
@@ -125,15 +137,9 @@ def test_an_exported_bc_step_equals_the_policy_on_raw_images(name, fmt, bc_runs,
     assert exported.inputs == ["image", "state"] and exported.outputs == ["action"]
     # what imitation-eval runs in the env, stream 0 only
     controller = RecurrentController(load_imitation_policy(run, torch.device("cpu"))[0])
-    gen = torch.Generator().manual_seed(0)
     for runner in (exported, reference):
         runner.reset(3)
-    for t in range(200):
-        obs = {
-            "image": torch.randint(0, 256, (3, 84, 84, 3), dtype=torch.uint8, generator=gen),
-            "state": torch.rand(3, 3, generator=gen) * 2 - 1,
-        }
-        is_first = (torch.rand(3, generator=gen) < 0.05) | (t == 0)
+    for obs, is_first in raw_push_stream():
         a, b = exported.act(obs, is_first), reference.act(obs, is_first)
         assert a.shape == (3, 3) and a.abs().max() <= 1
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -183,16 +189,10 @@ def test_an_exported_spatial_stack_equals_the_model_and_spatial_eval(fmt, spatia
     assert main(["export", str(run), "--output", str(out), "--format", fmt]) == 0
     exported, reference = deploy.load(out), deploy.load_policy(run)
     model = load_spatial_model(run, torch.device("cpu"))[0]
-    gen = torch.Generator().manual_seed(0)
     for runner in (exported, reference):
         runner.reset(3)
     state = model.initial_state(1)
-    for t in range(200):
-        obs = {
-            "image": torch.randint(0, 256, (3, 84, 84, 3), dtype=torch.uint8, generator=gen),
-            "state": torch.rand(3, 3, generator=gen) * 2 - 1,
-        }
-        is_first = (torch.rand(3, generator=gen) < 0.05) | (t == 0)
+    for obs, is_first in raw_push_stream():
         a, b = exported.act(obs, is_first), reference.act(obs, is_first)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         for got, want in zip(exported.state, reference.state, strict=True):
